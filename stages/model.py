@@ -1,0 +1,154 @@
+"""Checkpoint access one block at a time: config, a weightless skeleton, tensors by name."""
+
+import json
+import os
+from contextlib import ExitStack
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from awqflow.stages.architectures import Architecture, architecture_for
+
+
+class CheckpointReader:
+    """Reads tensors by name from a safetensors checkpoint (one file or an indexed set of shards)."""
+
+    def __init__(self, model_dir: str):
+        self.model_dir = model_dir
+        index = os.path.join(model_dir, "model.safetensors.index.json")
+        single = os.path.join(model_dir, "model.safetensors")
+        if os.path.exists(index):
+            with open(index) as f:
+                self.file_of = json.load(f)["weight_map"]
+        elif os.path.exists(single):
+            with safe_open(single, "pt") as f:
+                self.file_of = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise FileNotFoundError(
+                f"no model.safetensors or model.safetensors.index.json in {model_dir}: "
+                f"awqflow reads safetensors checkpoints (re-save with save_pretrained(safe_serialization=True))"
+            )
+        for name in set(self.file_of.values()):
+            if not os.path.exists(os.path.join(model_dir, name)):
+                raise FileNotFoundError(f"checkpoint shard {name} listed in the index is missing from {model_dir}")
+
+    def names(self, prefix: str = "") -> list[str]:
+        return sorted(k for k in self.file_of if k.startswith(prefix))
+
+    def load(self, names, device="cpu") -> dict[str, torch.Tensor]:
+        out = {}
+        with ExitStack() as stack:
+            handles = {}
+            for name in names:
+                file = self.file_of[name]
+                if file not in handles:
+                    handles[file] = stack.enter_context(safe_open(os.path.join(self.model_dir, file), "pt", device=str(device)))
+                out[name] = handles[file].get_tensor(name)
+        return out
+
+
+def load_config(model_dir: str):
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        raise FileNotFoundError(f"no config.json in {model_dir}: pass a Hugging Face model directory")
+    config = AutoConfig.from_pretrained(model_dir)
+    architecture_for(config.model_type)  # fail early on unsupported models
+    return config
+
+
+def skeleton(config) -> nn.Module:
+    """The model with every weight on the meta device: structure only, no memory."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=config.dtype)
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path)
+
+
+def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def blocks_of(model: nn.Module, arch: Architecture) -> nn.ModuleList:
+    return model.get_submodule(arch.blocks)
+
+
+def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, device, dtype) -> nn.Module:
+    """Give a meta-device submodule its real weights from the checkpoint (prefix = its name there)."""
+    module.to_empty(device=device).to(dtype)
+    names = [prefix + k for k in module.state_dict()]
+    missing = [n for n in names if n not in reader.file_of]
+    if missing:
+        raise KeyError(f"checkpoint {reader.model_dir} lacks {missing[:3]}: does it match its config.json?")
+    tensors = reader.load(names, device)
+    module.load_state_dict({k[len(prefix):]: v.to(dtype) for k, v in tensors.items()})
+    return module
+
+
+def load_block(model: nn.Module, arch: Architecture, index: int, reader: CheckpointReader, device, dtype) -> nn.Module:
+    """A private copy of block `index` with real weights; the skeleton stays on meta."""
+    import copy
+
+    block = copy.deepcopy(blocks_of(model, arch)[index])
+    return materialize(block, f"{arch.blocks}.{index}.", reader, device, dtype)
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder block: records the keyword arguments the model passes to it."""
+
+    def __init__(self, block: nn.Module, record: list, last: bool):
+        super().__init__()
+        self.record, self.last = record, last
+        # some models choose a block's mask by its attention type (sliding vs full)
+        if hasattr(block, "attention_type"):
+            self.attention_type = block.attention_type
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.record.append(kwargs)
+        if self.last:
+            raise _StopForward
+        return hidden_states
+
+
+def rebuild_rotary(model: nn.Module, config, device) -> None:
+    """Rotary embeddings keep computed, non-persistent buffers that no checkpoint holds: rebuild them."""
+    for name, module in list(model.named_modules()):
+        if "Rotary" in type(module).__name__:
+            set_module(model, name, type(module)(config=config).to(device))
+
+
+def block_kwargs(config, seqlen: int, device, dtype) -> list[dict]:
+    """Per-block keyword arguments (mask, rotary embeddings, positions) as the model itself builds
+    them for a batch of unpadded windows. Recomputed on demand, never stored."""
+    arch = architecture_for(config.model_type)
+    model = skeleton(config)
+    inner = model.get_submodule(arch.blocks.rpartition(".")[0])
+    rebuild_rotary(inner, config, device)
+    blocks = blocks_of(model, arch)
+    record: list[dict] = []
+    for i, block in enumerate(blocks):
+        blocks[i] = _Recorder(block, record, last=i == len(blocks) - 1)
+    embeds = torch.zeros(1, seqlen, config.hidden_size, device=device, dtype=dtype)
+    try:
+        with torch.no_grad():
+            inner(inputs_embeds=embeds, use_cache=False)
+    except _StopForward:
+        pass
+    return record
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch_size: int = 8) -> torch.Tensor:
+    """Block forward over the sample dim in batches (the kwargs broadcast over batch)."""
+    outs = []
+    with torch.no_grad():
+        for chunk in hidden.split(batch_size):
+            out = block(chunk, **kwargs)
+            outs.append(out[0] if isinstance(out, tuple) else out)
+    return torch.cat(outs)

@@ -1,0 +1,120 @@
+"""Assemble the output checkpoint (SPEC §6): safetensors shards + index, config.json with its
+quantization_config, tokenizer and generation files copied unchanged. Streams block by block."""
+
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import save_file
+
+from awqflow import __version__
+from awqflow.stages.model import CheckpointReader
+from awqflow.stages.quantize import QuantConfig
+
+_WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
+
+
+def quantization_config(qcfg: QuantConfig, not_converted) -> dict:
+    return {
+        "quant_method": "awq",
+        "bits": qcfg.w_bit,
+        "group_size": qcfg.group_size,
+        "zero_point": True,  # symmetric weights are stored with a fixed zero of 8 in the same layout
+        "version": "gemm",
+        "modules_to_not_convert": list(not_converted) or None,
+    }
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype).contiguous() if t.is_floating_point() and t.dtype != dtype else t.contiguous()
+
+
+class _ShardWriter:
+    """Fills safetensors shards up to a size; names them as transformers does once the count is known."""
+
+    def __init__(self, folder: str, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.current: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.written: list[tuple[str, list[str]]] = []
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        if self.current and self.size + t.nbytes > self.max_bytes:
+            self._flush()
+        self.current[name] = t
+        self.size += t.nbytes
+
+    def _flush(self) -> None:
+        name = f"shard-{len(self.written):05d}.safetensors"
+        save_file(self.current, os.path.join(self.folder, name), metadata={"format": "pt"})
+        self.written.append((name, list(self.current)))
+        self.current, self.size = {}, 0
+
+    def close(self) -> list[str]:
+        if self.current or not self.written:
+            self._flush()
+        n = len(self.written)
+        final = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for (old, _), new in zip(self.written, final):
+            os.rename(os.path.join(self.folder, old), os.path.join(self.folder, new))
+        if n > 1:
+            weight_map = {k: new for (_, keys), new in zip(self.written, final) for k in keys}
+            with open(os.path.join(self.folder, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+        return final
+
+
+def save_checkpoint(model_dir: str, out_dir: str, block_tensors, blocks_prefix: str, qcfg: QuantConfig,
+                    method: str, not_converted=("lm_head",), extra_meta: dict | None = None,
+                    max_shard_bytes: int = 4 << 30) -> list[str]:
+    """block_tensors: iterable of (index, {name in block: tensor}) in order. Writes into a temporary
+    folder renamed over out_dir at the end, so a crash never leaves a half-written checkpoint."""
+    reader = CheckpointReader(model_dir)
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = json.load(f)
+    packed = qcfg.w_bit == 4
+    src_dtype = getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float16")
+    dtype = torch.float16 if packed else src_dtype  # the GEMM format is fp16 throughout
+    tmp = out_dir.rstrip("/") + f".tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+
+    writer = _ShardWriter(tmp, max_shard_bytes)
+    outside = [n for n in reader.names() if not n.startswith(blocks_prefix + ".")]
+    for name, t in reader.load(outside).items():
+        writer.add(name, _cast(t, dtype))
+    for index, tensors in block_tensors:
+        for name, t in tensors.items():
+            writer.add(f"{blocks_prefix}.{index}.{name}", t if t.dtype == torch.int32 else _cast(t, dtype))
+    final = writer.close()
+
+    meta = {"version": __version__, "method": method, "w_bit": qcfg.w_bit, "group_size": qcfg.group_size,
+            "zero_point": qcfg.zero_point, **(extra_meta or {})}
+    config.pop("quantization_config", None)
+    if packed:
+        config["quantization_config"] = quantization_config(qcfg, not_converted)
+        config["dtype"] = "float16"
+        config.pop("torch_dtype", None)
+        meta["format"] = "awq-gemm"
+    else:
+        # the GEMM layout holds 4-bit codes only: store the dequantized weights, clearly labelled
+        meta["format"] = "fake-quant"
+    config["awqflow"] = meta
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    for name in os.listdir(model_dir):
+        src = os.path.join(model_dir, name)
+        if os.path.isfile(src) and name != "config.json" and not name.endswith(_WEIGHT_FILES) \
+                and name != "model.safetensors.index.json":
+            shutil.copy2(src, os.path.join(tmp, name))
+
+    if os.path.exists(out_dir):
+        old = out_dir.rstrip("/") + f".old-{os.getpid()}"
+        os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+        os.rename(tmp, out_dir)
+    return [os.path.join(out_dir, f) for f in final]

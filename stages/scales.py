@@ -1,0 +1,142 @@
+"""AWQ scale search (SPEC §3): one exponent alpha per scale group, chosen on the module's output.
+
+s = x_mean^alpha / w_mean^(1-alpha) ("duo") or x_mean^alpha ("plain"), normalised so that
+max(s) * min(s) = 1. Every alpha of the grid plus the identity (s = 1, i.e. RTN) is evaluated at
+once: the candidates ride along the batch dimension, each linear of the group multiplying its slice
+of the batch by that candidate's weights, so the grid costs one batched pass rather than a Python
+loop of small kernels.
+"""
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from awqflow.stages.architectures import ScaleGroup
+from awqflow.stages.quantize import QuantConfig, fake_quantize
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    n_grid: int = 20
+    duo_scaling: bool = True
+    memory_budget: int = 1 << 30  # bytes of activations one grid step may hold
+
+
+def group_applies(block: nn.Module, group: ScaleGroup) -> bool:
+    """A linear can absorb 1/s only if its output width matches the next input (not under GQA v->o)."""
+    prev = block.get_submodule(group.prev)
+    first = block.get_submodule(group.linears[0])
+    return not isinstance(prev, nn.Linear) or prev.out_features == first.in_features
+
+
+def candidate_scales(x: torch.Tensor, weights: list[torch.Tensor], qcfg: QuantConfig, scfg: SearchConfig):
+    """(alphas, scales): alpha None is the identity; scales (n_candidates, in_features) float32."""
+    x_mean = x.abs().reshape(-1, x.shape[-1]).float().mean(0)
+    w = torch.cat(weights).float()
+    g = qcfg.group_len(w.shape[1])
+    wg = w.abs().view(w.shape[0], -1, g)
+    w_mean = (wg / (wg.amax(dim=-1, keepdim=True) + 1e-6)).view_as(w).mean(0)
+    alphas = torch.arange(scfg.n_grid, dtype=torch.float32, device=x.device)[:, None] / scfg.n_grid
+    if scfg.duo_scaling:
+        s = x_mean.pow(alphas) / (w_mean.pow(1 - alphas) + 1e-4)
+    else:
+        s = x_mean.pow(alphas)
+    s = s.clamp(min=1e-4)
+    s = s / (s.amax(dim=1, keepdim=True) * s.amin(dim=1, keepdim=True)).sqrt()
+    s = torch.where(torch.isfinite(s), s, torch.ones_like(s))
+    s = torch.cat([torch.ones_like(s[:1]), s])
+    return [None] + [i / scfg.n_grid for i in range(scfg.n_grid)], s
+
+
+def _grid_forward(weights: torch.Tensor, bias, x: torch.Tensor) -> torch.Tensor:
+    # x: (c * b, ..., in), candidate-major on dim 0; weights: (c, out, in)
+    c = weights.shape[0]
+    y = torch.bmm(x.reshape(c, -1, x.shape[-1]), weights.transpose(1, 2))
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], weights.shape[1])
+
+
+@contextmanager
+def candidate_weights(linears: list[nn.Linear], stacks: list[torch.Tensor]):
+    for lin, w in zip(linears, stacks):
+        lin.forward = lambda x, w=w, b=lin.bias: _grid_forward(w, b, x)
+    try:
+        yield
+    finally:
+        for lin in linears:
+            del lin.forward
+
+
+def _call(module: nn.Module, x: torch.Tensor, kwargs: dict | None):
+    out = module(x, **kwargs) if kwargs is not None else module(x)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def grid_losses(inspect: nn.Module, linears: list[nn.Linear], scales: torch.Tensor, x: torch.Tensor,
+                qcfg: QuantConfig, scfg: SearchConfig, kwargs: dict | None = None) -> torch.Tensor:
+    """Mean squared error of `inspect`'s output, per candidate, with W -> Q(W * s) / s in every linear."""
+    n_cand = scales.shape[0]
+    widest = max([x.shape[-1]] + [lin.out_features for lin in linears])
+    per_sample = x[0].numel() // x.shape[-1] * widest * x.element_size() * 4
+    per_step = max(1, scfg.memory_budget // per_sample)  # samples (x candidates) one step may hold
+    cand_chunk = min(n_cand, per_step)
+    batch = max(1, per_step // cand_chunk)
+    sq_err = torch.zeros(n_cand, dtype=torch.float64, device=x.device)
+    count = 0
+    with torch.no_grad():
+        for xb in x.split(batch):
+            ref = _call(inspect, xb, kwargs).float()
+            count += ref.numel()
+            for start in range(0, n_cand, cand_chunk):
+                s = scales[start:start + cand_chunk].to(x.dtype)
+                stacks = [fake_quantize_stack(lin.weight, s, qcfg) for lin in linears]
+                with candidate_weights(linears, stacks):
+                    out = _call(inspect, xb.repeat(len(s), *[1] * (xb.dim() - 1)), kwargs).float()
+                err = (out.view(len(s), -1) - ref.view(1, -1)).pow(2).sum(dim=1)
+                sq_err[start:start + len(s)] += err.double()
+    return sq_err / count
+
+
+def fake_quantize_stack(w: torch.Tensor, s: torch.Tensor, qcfg: QuantConfig) -> torch.Tensor:
+    """For each candidate row of s (c, in): Q(w * s) / s, stacked (c, out, in)."""
+    scaled = w[None] * s[:, None, :]
+    q = fake_quantize(scaled.reshape(-1, w.shape[1]), qcfg).view_as(scaled)
+    return q / s[:, None, :]
+
+
+def search_scales(block: nn.Module, group: ScaleGroup, x: torch.Tensor, qcfg: QuantConfig,
+                  scfg: SearchConfig = SearchConfig(), kwargs: dict | None = None):
+    """Best per-input-channel scales for one group, and what the search saw."""
+    linears = [block.get_submodule(n) for n in group.linears]
+    inspect = block.get_submodule(group.inspect)
+    alphas, cands = candidate_scales(x, [lin.weight for lin in linears], qcfg, scfg)
+    losses = grid_losses(inspect, linears, cands, x, qcfg, scfg, kwargs if group.inspect_takes_kwargs else None)
+    best = int(torch.argmin(losses))
+    s = cands[best]
+    info = {
+        "alpha": alphas[best],
+        "loss": float(losses[best]),
+        "loss_identity": float(losses[0]),
+        "scale_mean": float(s.mean()),
+        "scale_max_over_mean": float(s.max() / s.mean()),
+        "share_over_5x_mean": float((s > 5 * s.mean()).float().mean()),
+    }
+    return s, info
+
+
+def apply_scales(block: nn.Module, group: ScaleGroup, s: torch.Tensor) -> None:
+    """Fuse 1/s into the previous op and s into the linears' input columns: same function, new weights."""
+    prev = block.get_submodule(group.prev)
+    with torch.no_grad():
+        if isinstance(prev, nn.Linear):
+            prev.weight.div_(s.view(-1, 1).to(prev.weight.dtype))
+        else:
+            prev.weight.div_(s.to(prev.weight.dtype))
+        if getattr(prev, "bias", None) is not None:
+            prev.bias.div_(s.to(prev.bias.dtype))
+        for name in group.linears:
+            lin = block.get_submodule(name)
+            lin.weight.mul_(s.view(1, -1).to(lin.weight.dtype))
