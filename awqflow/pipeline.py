@@ -132,3 +132,24 @@ def quantize_model(model_dir: str, out_dir: str, opts: Options, work_dir: str | 
         shutil.rmtree(work, ignore_errors=True)
     return {"out": out_dir, "files": files, "timings": timings, "stats": stats,
             "bytes": sum(os.path.getsize(f) for f in files)}
+
+
+def evaluate(model_dir: str, text_file: str, seqlen: int | None = None, device: str | None = None) -> dict:
+    """Perplexity of any checkpoint awqflow reads or writes, on SPEC §7 windows of text_file."""
+    from awqflow.stages.load import load_model, read_config
+    from awqflow.stages.perplexity import eval_windows, perplexity
+
+    if not os.path.exists(text_file):
+        raise FileNotFoundError(f"evaluation text {text_file} does not exist")
+    seqlen = seqlen or min(2048, read_config(model_dir).get("max_position_embeddings", 2048))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with open(text_file, encoding="utf-8") as f:
+        windows = eval_windows(tokenizer, f.read(), seqlen)
+    model = load_model(model_dir, resolve_device(device))
+    return {**perplexity(model, windows), "seqlen": seqlen}
+
+
+def perplexity_table(checkpoints: dict[str, str], text_file: str, seqlen: int | None = None,
+                     device: str | None = None) -> dict[str, dict]:
+    """{label: checkpoint dir} -> {label: perplexity result}, all on the same windows."""
+    return {label: evaluate(path, text_file, seqlen, device) for label, path in checkpoints.items()}

@@ -107,6 +107,7 @@ def fake_quantize_stack(w: torch.Tensor, s: torch.Tensor, qcfg: QuantConfig) -> 
     return q / s[:, None, :]
 
 
+@torch.no_grad()
 def search_scales(block: nn.Module, group: ScaleGroup, x: torch.Tensor, qcfg: QuantConfig,
                   scfg: SearchConfig = SearchConfig(), kwargs: dict | None = None):
     """Best per-input-channel scales for one group, and what the search saw."""

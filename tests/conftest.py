@@ -9,3 +9,37 @@ if not torch.cuda.is_available():
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "fixture" / "model"
+CALIB = ROOT / "fixture" / "data" / "calib.txt"
+EVAL = ROOT / "fixture" / "data" / "eval.txt"
+
+
+def save_tiny(path: Path, config, dtype=torch.float16, seed: int = 0) -> Path:
+    """A random-weight model with the fixture's tokenizer: for shape and plumbing tests only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(FIXTURE).save_pretrained(path)
+    return path
+
+
+def tiny_llama_config(**overrides):
+    from transformers import AutoTokenizer, LlamaConfig
+
+    vocab = len(AutoTokenizer.from_pretrained(FIXTURE))
+    base = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256, tie_word_embeddings=True)
+    return LlamaConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model", tiny_llama_config())

@@ -1,0 +1,3 @@
+from awqflow.cli import main
+
+main()

@@ -1,0 +1,91 @@
+"""awqflow command line: quantize a checkpoint, measure perplexity."""
+
+import argparse
+import json
+import os
+import sys
+
+from awqflow.pipeline import Options
+
+
+def _quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="Hugging Face model directory (safetensors)")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--method", default="awq", help="awq (default) or rtn")
+    p.add_argument("--w-bit", type=int, default=4, help="4 (AutoAWQ GEMM checkpoint) or 3 (fake-quant checkpoint)")
+    p.add_argument("--group-size", type=int, default=128, help="32, 64, 128 or -1 (whole row)")
+    p.add_argument("--zero-point", action=argparse.BooleanOptionalAction, default=True,
+                   help="asymmetric quantization with zero points (default) or symmetric")
+    p.add_argument("--calib", default="pileval", help="local .txt/.jsonl/.parquet file or datasets name")
+    p.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet/datasets calibration data")
+    p.add_argument("--n-samples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--no-clip", dest="clip", action="store_false", help="skip the clip search")
+    p.add_argument("--no-duo-scaling", dest="duo_scaling", action="store_false",
+                   help="s = x_mean^alpha instead of x_mean^alpha / w_mean^(1-alpha)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--eval-text", default=None,
+                   help="after quantizing, print FP / RTN / AWQ perplexity on this text file")
+    p.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window (default: model max, <= 2048)")
+    p.add_argument("--work-dir", default=None, help="scratch folder for activations and block results")
+
+
+def cmd_quantize(a) -> None:
+    from awqflow.pipeline import perplexity_table, quantize_model
+
+    opts = Options(method=a.method, w_bit=a.w_bit, group_size=a.group_size, zero_point=a.zero_point,
+                   calib=a.calib, text_field=a.text_field, n_samples=a.n_samples, seqlen=a.seqlen,
+                   clip=a.clip, duo_scaling=a.duo_scaling, device=a.device)
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    result = quantize_model(a.model, a.out, opts, work_dir=a.work_dir, log=log)
+    print(f"wrote {a.out} ({result['bytes'] / 2**20:.1f} MiB) in {result['timings']['total']:.1f} s")
+    if a.eval_text:
+        checkpoints = {"FP": a.model}
+        if a.method != "rtn":
+            rtn_dir = a.out.rstrip("/") + ".rtn"
+            quantize_model(a.model, rtn_dir, Options(method="rtn", w_bit=a.w_bit, group_size=a.group_size,
+                                                     zero_point=a.zero_point, device=a.device), log=log)
+            checkpoints["RTN"] = rtn_dir
+        checkpoints[a.method.upper()] = a.out
+        table = perplexity_table(checkpoints, a.eval_text, a.eval_seqlen, a.device)
+        first = next(iter(table.values()))
+        print(f"\nperplexity on {a.eval_text} ({first['windows']} windows x {first['seqlen']} tokens), "
+              f"w{a.w_bit} g{a.group_size}:")
+        print("| model | ppl |\n|---|---|")
+        for label, r in table.items():
+            print(f"| {label} | {r['ppl']:.3f} |")
+
+
+def cmd_ppl(a) -> None:
+    from awqflow.pipeline import evaluate
+
+    r = evaluate(a.model, a.text, a.seqlen, a.device)
+    print(json.dumps(r) if a.json else f"ppl {r['ppl']:.4f} over {r['tokens']} tokens ({r['windows']} x {r['seqlen']})")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="awqflow", description="AWQ quantization of Hugging Face causal LMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="quantize a checkpoint (AWQ or RTN)")
+    _quantize_args(q)
+    q.set_defaults(func=cmd_quantize)
+    p = sub.add_parser("ppl", help="perplexity of an FP or awqflow checkpoint")
+    p.add_argument("--model", required=True)
+    p.add_argument("--text", required=True, help="plain text file")
+    p.add_argument("--seqlen", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_ppl)
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError, FloatingPointError, OSError) as e:
+        if os.environ.get("AWQFLOW_DEBUG"):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"awqflow: error: {msg}".splitlines()[0], file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
