@@ -27,7 +27,10 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-text", default=None,
                    help="after quantizing, print FP / RTN / AWQ perplexity on this text file")
     p.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window (default: model max, <= 2048)")
-    p.add_argument("--work-dir", default=None, help="scratch folder for activations and block results")
+    p.add_argument("--mode", default="parallel", choices=["parallel", "sequential"],
+                   help="parallel: blocks searched on FP inputs (AutoAWQ); sequential: on quantized outputs")
+    p.add_argument("--work-dir", default=None,
+                   help="activations and the block-result cache (default: OUT.work); reruns reuse it")
 
 
 def cmd_quantize(a) -> None:
@@ -35,16 +38,16 @@ def cmd_quantize(a) -> None:
 
     opts = Options(method=a.method, w_bit=a.w_bit, group_size=a.group_size, zero_point=a.zero_point,
                    calib=a.calib, text_field=a.text_field, n_samples=a.n_samples, seqlen=a.seqlen,
-                   clip=a.clip, duo_scaling=a.duo_scaling, device=a.device)
+                   clip=a.clip, duo_scaling=a.duo_scaling, mode=a.mode)
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
-    result = quantize_model(a.model, a.out, opts, work_dir=a.work_dir, log=log)
+    result = quantize_model(a.model, a.out, opts, work_dir=a.work_dir, device=a.device, log=log)
     print(f"wrote {a.out} ({result['bytes'] / 2**20:.1f} MiB) in {result['timings']['total']:.1f} s")
     if a.eval_text:
         checkpoints = {"FP": a.model}
         if a.method != "rtn":
             rtn_dir = a.out.rstrip("/") + ".rtn"
-            quantize_model(a.model, rtn_dir, Options(method="rtn", w_bit=a.w_bit, group_size=a.group_size,
-                                                     zero_point=a.zero_point, device=a.device), log=log)
+            rtn = Options(method="rtn", w_bit=a.w_bit, group_size=a.group_size, zero_point=a.zero_point)
+            quantize_model(a.model, rtn_dir, rtn, work_dir=a.work_dir, device=a.device, log=log)
             checkpoints["RTN"] = rtn_dir
         checkpoints[a.method.upper()] = a.out
         table = perplexity_table(checkpoints, a.eval_text, a.eval_seqlen, a.device)

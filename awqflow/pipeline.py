@@ -1,24 +1,24 @@
 """The stages wired in order, without Prefect: what the CLI, the benchmarks and the tests call.
-The Prefect flow (awqflow.flows) runs the same stage functions, with caching and parallel blocks."""
+The Prefect flow (awqflow.flows.awq) calls the same functions, one task per block, in parallel."""
 
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from awqflow.stages.architectures import architecture_for
+from awqflow.stages.architectures import Architecture, architecture_for
 from awqflow.stages.block import linears_of, quantized_tensors, search_block
 from awqflow.stages.calibration import calibration_windows
-from awqflow.stages.capture import capture_block_inputs
-from awqflow.stages.model import CheckpointReader, block_kwargs, blocks_of, load_block, load_config, skeleton
+from awqflow.stages.capture import capture_block_inputs, embed_windows
+from awqflow.stages.model import CheckpointReader, block_kwargs, blocks_of, load_block, load_config, run_block, skeleton
 from awqflow.stages.quantize import QuantConfig
 from awqflow.stages.save import save_checkpoint
 from awqflow.stages.scales import SearchConfig
 from awqflow.storage.activations import ActivationStore
+from awqflow.storage.cache import BlockCache
+from awqflow.storage.fingerprint import code_fingerprint, key, model_fingerprint, tensor_fingerprint
 
 
 @dataclass
@@ -35,11 +35,15 @@ class Options:
     duo_scaling: bool = True
     n_grid: int = 20
     seed: int = 0
-    device: str | None = None  # default: cuda if available, else cpu
+    # "parallel": every block searched on FP-captured inputs (AutoAWQ, the default);
+    # "sequential": each block sees the previous blocks already quantized (llm-compressor)
+    mode: str = "parallel"
 
     def __post_init__(self):
         if self.method not in ("awq", "rtn"):
             raise ValueError(f"method={self.method!r}: use 'awq' or 'rtn'")
+        if self.mode not in ("parallel", "sequential"):
+            raise ValueError(f"mode={self.mode!r}: use 'parallel' or 'sequential'")
         QuantConfig(self.w_bit, self.group_size, self.zero_point)  # fails early on bad bits / group size
 
     @property
@@ -49,6 +53,33 @@ class Options:
     @property
     def search(self) -> SearchConfig:
         return SearchConfig(n_grid=self.n_grid, duo_scaling=self.duo_scaling)
+
+
+@dataclass
+class Plan:
+    """Everything the per-block work needs to know, cheap to pass to any worker."""
+    model_dir: str
+    opts: Options
+    n_blocks: int
+    model_fp: str
+    code_fp: str
+    calib_fp: str | None = None  # set once calibration windows exist
+
+    @property
+    def config(self):
+        return load_config(self.model_dir)
+
+    @property
+    def arch(self) -> Architecture:
+        return architecture_for(self.config.model_type)
+
+    def block_key(self, index: int) -> str:
+        o = asdict(self.opts)
+        for unused in ("calib", "text_field", "n_samples", "seed"):  # all of these are in calib_fp
+            o.pop(unused)
+        if o["method"] == "rtn":
+            o = {k: o[k] for k in ("method", "w_bit", "group_size", "zero_point")}
+        return key("block", self.model_fp, index, o, self.calib_fp if o["method"] == "awq" else None, self.code_fp)
 
 
 def resolve_device(device: str | None) -> str:
@@ -78,58 +109,148 @@ def check_quantizable(config, qcfg: QuantConfig) -> None:
         raise ValueError(f"{len(bad)} layer(s) cannot be quantized with group_size={qcfg.group_size}: {bad[0]}")
 
 
-def quantize_model(model_dir: str, out_dir: str, opts: Options, work_dir: str | None = None,
-                   log=print, keep_work: bool = False) -> dict:
-    """Quantize model_dir into out_dir; returns per-stage timings and per-group search statistics."""
+def plan(model_dir: str, opts: Options) -> Plan:
+    config = load_config(model_dir)
+    check_quantizable(config, opts.quant)
+    n_blocks = len(blocks_of(skeleton(config), architecture_for(config.model_type)))
+    return Plan(model_dir, opts, n_blocks, model_fingerprint(model_dir), code_fingerprint())
+
+
+def calibrate(p: Plan) -> torch.Tensor:
+    o = p.opts
+    windows = calibration_windows(o.calib, AutoTokenizer.from_pretrained(p.model_dir), o.n_samples, o.seqlen,
+                                  o.text_field, o.seed)
+    p.calib_fp = tensor_fingerprint(windows)
+    return windows
+
+
+def capture(p: Plan, windows: torch.Tensor, store_path: str, device: str | None = None) -> ActivationStore:
+    """FP pass into the Zarr store; a store made from another model or other windows is refused."""
+    device = resolve_device(device)
+    config = p.config
+    store = ActivationStore(store_path)
+    expected = {"model": p.model_fp, "calibration": p.calib_fp, "dtype": str(compute_dtype(config, device))}
+    found = {k: store.meta.get(k) for k in expected}
+    if any(found.values()) and found != expected:
+        raise ValueError(f"activation store {store_path} was captured for {found}, not {expected}: "
+                         f"use another --work-dir or delete it")
+    store.set_meta(**expected)
+    capture_block_inputs(p.model_dir, config, windows, store, device, compute_dtype(config, device))
+    return store
+
+
+def quantize_block(p: Plan, index: int, store_path: str | None, device: str | None = None):
+    """One block from its captured input to checkpoint tensors: (tensors, search stats)."""
+    device = resolve_device(device)
+    config, arch = p.config, p.arch
+    dtype = compute_dtype(config, device)
+    block = load_block(skeleton(config), arch, index, CheckpointReader(p.model_dir), device, dtype)
+    stats = {}
+    if p.opts.method == "awq":
+        hidden = ActivationStore(store_path, mode="r").read(index, device)
+        kwargs = block_kwargs(config, hidden.shape[1], device, dtype)[index]
+        stats = search_block(block, arch, hidden, kwargs, p.opts.quant, p.opts.search, p.opts.clip)
+    return {k: v.cpu() for k, v in quantized_tensors(block, p.opts.quant).items()}, stats
+
+
+def cached_block(p: Plan, index: int, cache: BlockCache, store_path: str | None, device: str | None = None) -> dict:
+    """quantize_block through the content-addressed cache; returns the block's search stats."""
+    k = p.block_key(index)
+    hit = cache.get(k)
+    if hit is not None:
+        return hit[1]
+    tensors, stats = quantize_block(p, index, store_path, device)
+    cache.put(k, tensors, stats)
+    return stats
+
+
+def sequential_blocks(p: Plan, windows: torch.Tensor, cache: BlockCache, device: str | None = None) -> dict:
+    """llm-compressor's order: block i is searched on the output of blocks 0..i-1 already quantized."""
+    device = resolve_device(device)
+    config, arch = p.config, p.arch
+    dtype = compute_dtype(config, device)
+    model, reader = skeleton(config), CheckpointReader(p.model_dir)
+    kwargs = block_kwargs(config, windows.shape[1], device, dtype)
+    hidden = embed_windows(p.model_dir, config, windows, device, dtype)
+    stats = {}
+    for i in range(p.n_blocks):
+        block = load_block(model, arch, i, reader, device, dtype)
+        hit = cache.get(p.block_key(i))  # a resumed run replays finished blocks instead of searching again
+        if hit is None:
+            stats[i] = search_block(block, arch, hidden, kwargs[i], p.opts.quant, p.opts.search, p.opts.clip)
+            tensors = quantized_tensors(block, p.opts.quant)
+            cache.put(p.block_key(i), tensors, stats[i])
+        else:
+            tensors, stats[i] = hit
+            block.load_state_dict({k: v for k, v in tensors.items() if k in block.state_dict()}, strict=False)
+        load_fake_quant(block, tensors, p.opts.quant)
+        hidden = run_block(block, hidden, kwargs[i])
+    return stats
+
+
+def load_fake_quant(block, tensors: dict, qcfg: QuantConfig) -> None:
+    """Put a block's quantized weights back into it as dense weights (to run it as quantized)."""
+    from awqflow.stages.pack import dequantize_gemm
+
+    with torch.no_grad():
+        for name, lin in linears_of(block).items():
+            if qcfg.w_bit == 4:
+                w = dequantize_gemm(tensors[f"{name}.qweight"], tensors[f"{name}.qzeros"], tensors[f"{name}.scales"]).t()
+            else:
+                w = tensors[f"{name}.weight"]
+            lin.weight.copy_(w.to(lin.weight.dtype))
+
+
+def save(p: Plan, out_dir: str, cache: BlockCache) -> list[str]:
+    def blocks():
+        for i in range(p.n_blocks):
+            hit = cache.get(p.block_key(i))
+            if hit is None:
+                raise KeyError(f"block {i} result is missing from the cache at {cache.url}: re-run to recompute it")
+            yield i, hit[0]
+
+    meta = asdict(p.opts)
+    meta.update(model_fingerprint=p.model_fp, calibration_fingerprint=p.calib_fp)
+    return save_checkpoint(p.model_dir, out_dir, blocks(), p.arch.blocks, p.opts.quant, p.opts.method,
+                           p.arch.not_converted, extra_meta=meta)
+
+
+def default_work_dir(out_dir: str) -> str:
+    return out_dir.rstrip("/") + ".work"
+
+
+def quantize_model(model_dir: str, out_dir: str, opts: Options, work_dir: str | None = None, device: str | None = None,
+                   log=print) -> dict:
+    """Quantize model_dir into out_dir, one block after another. Block results are cached by content in
+    work_dir/cache, so a second run (or a run after a crash) redoes nothing that finished."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    config = load_config(model_dir)
-    arch = architecture_for(config.model_type)
-    qcfg = opts.quant
-    check_quantizable(config, qcfg)
-    device = resolve_device(opts.device)
-    dtype = compute_dtype(config, device)
-    work = work_dir or out_dir.rstrip("/") + ".work"
-    os.makedirs(os.path.join(work, "blocks"), exist_ok=True)
-    reader = CheckpointReader(model_dir)
-    model = skeleton(config)
-    n_blocks = len(blocks_of(model, arch))
-
-    store = None
+    p = plan(model_dir, opts)
+    work = work_dir or default_work_dir(out_dir)
+    cache = BlockCache(os.path.join(work, "cache"))
+    store_path = None
     if opts.method == "awq":
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        windows = calibration_windows(opts.calib, tokenizer, opts.n_samples, opts.seqlen, opts.text_field, opts.seed)
+        windows = calibrate(p)
         timings["calibration"] = time.perf_counter() - t0
-        t = time.perf_counter()
-        store = ActivationStore(os.path.join(work, "activations.zarr"))
-        capture_block_inputs(model_dir, config, windows, store, device, dtype)
-        timings["capture"] = time.perf_counter() - t
-        log(f"captured {n_blocks} block inputs ({store.nbytes() / 2**20:.1f} MiB)")
-
     t = time.perf_counter()
-    kwargs = block_kwargs(config, opts.seqlen, device, dtype) if store else None
-    stats = {}
-    block_files = []
-    for i in range(n_blocks):
-        block = load_block(model, arch, i, reader, device, dtype)
-        if store is not None:
-            stats[i] = search_block(block, arch, store.read(i, device), kwargs[i], qcfg, opts.search, opts.clip)
-        path = os.path.join(work, "blocks", f"{i:05d}.safetensors")
-        save_file({k: v.cpu() for k, v in quantized_tensors(block, qcfg).items()}, path)
-        block_files.append(path)
-        log(f"block {i + 1}/{n_blocks} quantized")
+    if opts.method == "awq" and opts.mode == "sequential":
+        stats = sequential_blocks(p, windows, cache, device)
+    else:
+        if opts.method == "awq":
+            store_path = os.path.join(work, f"activations-{p.calib_fp}.zarr")
+            store = capture(p, windows, store_path, device)
+            timings["capture"] = time.perf_counter() - t
+            log(f"captured {p.n_blocks} block inputs ({store.nbytes() / 2**20:.1f} MiB)")
+            t = time.perf_counter()
+        stats = {}
+        for i in range(p.n_blocks):
+            stats[i] = cached_block(p, i, cache, store_path, device)
+            log(f"block {i + 1}/{p.n_blocks} done")
     timings["blocks"] = time.perf_counter() - t
-
     t = time.perf_counter()
-    files = save_checkpoint(
-        model_dir, out_dir, ((i, load_file(p)) for i, p in enumerate(block_files)), arch.blocks, qcfg,
-        opts.method, arch.not_converted,
-        extra_meta={k: v for k, v in asdict(opts).items() if k != "device"},
-    )
+    files = save(p, out_dir, cache)
     timings["save"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
-    if not keep_work:
-        shutil.rmtree(work, ignore_errors=True)
     return {"out": out_dir, "files": files, "timings": timings, "stats": stats,
             "bytes": sum(os.path.getsize(f) for f in files)}
 

@@ -1,9 +1,40 @@
-"""A linear layer that runs straight from the AutoAWQ GEMM tensors (qweight, qzeros, scales)."""
+"""A linear layer that runs straight from the AutoAWQ GEMM tensors (qweight, qzeros, scales).
+
+forward dispatches: CUDA fp16/bf16 activations with a working triton -> the W4A16 Triton kernels
+(split-K for decode-sized M, tiled GEMM otherwise); anything else -> the torch reference, which
+dequantizes the whole weight. Triton is imported on first CUDA use only, so CPU-only installs
+without a working triton never touch it. AWQFLOW_DISABLE_TRITON=1 forces the reference.
+"""
+
+import os
 
 import torch
 from torch import nn
 
-from awqflow.stages.pack import PER_WORD, dequantize_gemm
+from awqflow.kernels.configs import SPLITK_MAX_M
+from awqflow.kernels.reference import w4a16_matmul_reference
+from awqflow.stages.pack import PER_WORD
+
+_KERNELS = None  # (gemm, splitk) once imported, False if triton is unusable
+
+
+def triton_kernels():
+    """The two kernel wrappers, or None when triton cannot be imported here."""
+    global _KERNELS
+    if _KERNELS is None:
+        try:
+            from awqflow.kernels.w4a16_gemm import w4a16_gemm
+            from awqflow.kernels.w4a16_splitk import w4a16_splitk
+            _KERNELS = (w4a16_gemm, w4a16_splitk)
+        except Exception:  # ImportError, or a triton build that fails at import
+            _KERNELS = False
+    return _KERNELS or None
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+            and os.environ.get("AWQFLOW_DISABLE_TRITON", "0") in ("", "0")
+            and triton_kernels() is not None)
 
 
 class QuantLinear(nn.Module):
@@ -32,10 +63,14 @@ class QuantLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_triton(x):
+            gemm, splitk = triton_kernels()
+            m = x.numel() // self.in_features
+            kernel = splitk if m <= SPLITK_MAX_M else gemm
+            # The kernels add the bias in fp32 whatever its dtype: no per-call cast needed.
+            return kernel(x, self.qweight, self.qzeros, self.scales, self.group_size, bias=self.bias)
         # Reference path: dequantize the whole weight, then a dense matmul in x's dtype.
-        w = dequantize_gemm(self.qweight, self.qzeros, self.scales).to(x.dtype)
-        out = x @ w
-        return out if self.bias is None else out + self.bias.to(x.dtype)
+        return w4a16_matmul_reference(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"

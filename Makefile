@@ -1,0 +1,34 @@
+# Two commands on a fresh machine:  make quickstart  (quantize the bundled model, print ppl table)
+#                                   make test        (the test suite; CI runs exactly this)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel; an unpinned torch pulls a multi-GB CUDA build. On a GPU machine: make TORCH=torch ...
+TORCH ?= torch==2.13.0
+OUT ?= out/fixture-awq-w4g128
+
+export HF_HUB_OFFLINE = 1
+export HF_DATASETS_OFFLINE = 1
+export PREFECT_SERVER_ANALYTICS_ENABLED = false
+export PYTHONUNBUFFERED = 1
+
+.PHONY: quickstart test venv
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	echo "$(TORCH)" > $(VENV)/constraints.txt
+	$(PY) -m pip install -q -e ".[test]" -c $(VENV)/constraints.txt
+	# AutoAWQ's own GEMM decoder checks our packing in the tests (pure Python; its deps are not needed)
+	$(PY) -m pip install -q --no-deps --no-build-isolation autoawq==0.2.9
+	touch $@
+
+venv: $(VENV)/.installed
+
+quickstart: venv
+	$(VENV)/bin/awqflow quantize --model fixture/model --out $(OUT) \
+		--calib fixture/data/calib.txt --eval-text fixture/data/eval.txt
+
+test: venv
+	$(PY) -m pytest -q -p no:cacheprovider

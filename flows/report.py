@@ -1,0 +1,41 @@
+"""What a run shows in the Prefect UI: per-layer scale statistics and the run report."""
+
+from collections import defaultdict
+
+
+def scale_table(stats: dict) -> list[dict]:
+    """One row per (block, scale group), then one summary row per layer type (seed 000's table)."""
+    rows = []
+    by_type = defaultdict(list)
+    for block, groups in sorted(stats.items(), key=lambda kv: int(kv[0])):
+        for group, s in groups.items():
+            rows.append({"block": int(block), "group": group, "alpha": s["alpha"],
+                         "loss_identity": s["loss_identity"], "loss": s["loss"],
+                         "scale_mean": round(s["scale_mean"], 4),
+                         "max_over_mean": round(s["scale_max_over_mean"], 3),
+                         "share_over_5x_mean": round(s["share_over_5x_mean"], 4)})
+            by_type[group.split("->")[1]].append(s)
+    for group, items in by_type.items():
+        n = len(items)
+        rows.append({"block": "all", "group": group, "alpha": None,
+                     "loss_identity": sum(s["loss_identity"] for s in items) / n,
+                     "loss": sum(s["loss"] for s in items) / n,
+                     "scale_mean": round(sum(s["scale_mean"] for s in items) / n, 4),
+                     "max_over_mean": round(max(s["scale_max_over_mean"] for s in items), 3),
+                     "share_over_5x_mean": round(sum(s["share_over_5x_mean"] for s in items) / n, 4)})
+    return rows
+
+
+def markdown_report(model: str, out: str, opts, size: int, timings: dict, table: dict) -> str:
+    lines = [f"# AWQ run: `{model}` -> `{out}`", "",
+             f"method **{opts.method}**, w{opts.w_bit}, group {opts.group_size}, "
+             f"zero point {opts.zero_point}, mode {opts.mode}, output {size / 2**20:.1f} MiB", ""]
+    if table:
+        first = next(iter(table.values()))
+        lines += [f"## Perplexity ({first['windows']} windows x {first['seqlen']} tokens)", "",
+                  "| model | ppl |", "|---|---|"]
+        lines += [f"| {label} | {r['ppl']:.3f} |" for label, r in table.items()]
+        lines.append("")
+    lines += ["## Time per stage", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
+    return "\n".join(lines) + "\n"
