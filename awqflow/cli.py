@@ -23,7 +23,10 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-clip", dest="clip", action="store_false", help="skip the clip search")
     p.add_argument("--no-duo-scaling", dest="duo_scaling", action="store_false",
                    help="s = x_mean^alpha instead of x_mean^alpha / w_mean^(1-alpha)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--devices", default=None,
+                   help="comma-separated pool, one block per device at a time: cuda:0,cuda:1 (default: cuda or cpu)")
+    p.add_argument("--task-runner", default="threads", choices=["threads", "dask", "ray"],
+                   help="where block tasks run: threads on this machine, or a Dask / Ray cluster")
     p.add_argument("--eval-text", default=None,
                    help="after quantizing, print FP / RTN / AWQ perplexity on this text file")
     p.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window (default: model max, <= 2048)")
@@ -34,23 +37,21 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_quantize(a) -> None:
-    from awqflow.pipeline import perplexity_table, quantize_model
+    """Runs the Prefect flow `awq`; with no server configured Prefect runs it in ephemeral mode."""
+    Options(method=a.method, w_bit=a.w_bit, group_size=a.group_size, zero_point=a.zero_point,
+            mode=a.mode)  # argument errors before Prefect starts
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from awqflow.flows.awq import awq
 
-    opts = Options(method=a.method, w_bit=a.w_bit, group_size=a.group_size, zero_point=a.zero_point,
-                   calib=a.calib, text_field=a.text_field, n_samples=a.n_samples, seqlen=a.seqlen,
-                   clip=a.clip, duo_scaling=a.duo_scaling, mode=a.mode)
-    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
-    result = quantize_model(a.model, a.out, opts, work_dir=a.work_dir, device=a.device, log=log)
+    devices = a.devices.split(",") if a.devices else None
+    result = awq(model=a.model, out=a.out, method=a.method, w_bit=a.w_bit, group_size=a.group_size,
+                 zero_point=a.zero_point, calib=a.calib, text_field=a.text_field, n_samples=a.n_samples,
+                 seqlen=a.seqlen, clip=a.clip, duo_scaling=a.duo_scaling, mode=a.mode, devices=devices,
+                 task_runner_name=a.task_runner, work_dir=a.work_dir, eval_text=a.eval_text,
+                 eval_seqlen=a.eval_seqlen)
     print(f"wrote {a.out} ({result['bytes'] / 2**20:.1f} MiB) in {result['timings']['total']:.1f} s")
-    if a.eval_text:
-        checkpoints = {"FP": a.model}
-        if a.method != "rtn":
-            rtn_dir = a.out.rstrip("/") + ".rtn"
-            rtn = Options(method="rtn", w_bit=a.w_bit, group_size=a.group_size, zero_point=a.zero_point)
-            quantize_model(a.model, rtn_dir, rtn, work_dir=a.work_dir, device=a.device, log=log)
-            checkpoints["RTN"] = rtn_dir
-        checkpoints[a.method.upper()] = a.out
-        table = perplexity_table(checkpoints, a.eval_text, a.eval_seqlen, a.device)
+    table = result["perplexity"]
+    if table:
         first = next(iter(table.values()))
         print(f"\nperplexity on {a.eval_text} ({first['windows']} windows x {first['seqlen']} tokens), "
               f"w{a.w_bit} g{a.group_size}:")

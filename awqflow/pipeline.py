@@ -2,6 +2,7 @@
 The Prefect flow (awqflow.flows.awq) calls the same functions, one task per block, in parallel."""
 
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 
@@ -135,8 +136,24 @@ def capture(p: Plan, windows: torch.Tensor, store_path: str, device: str | None 
         raise ValueError(f"activation store {store_path} was captured for {found}, not {expected}: "
                          f"use another --work-dir or delete it")
     store.set_meta(**expected)
+    check_disk(store_path, capture_bytes(p, windows, compute_dtype(config, device)) - store.nbytes())
     capture_block_inputs(p.model_dir, config, windows, store, device, compute_dtype(config, device))
     return store
+
+
+def capture_bytes(p: Plan, windows: torch.Tensor, dtype: torch.dtype) -> int:
+    """Size of the activation store: samples x seqlen x hidden x element size, per block."""
+    return p.n_blocks * windows.numel() * p.config.hidden_size * torch.tensor([], dtype=dtype).element_size()
+
+
+def check_disk(path: str, needed: int) -> None:
+    """Refuse to start a write that cannot fit, rather than fail hours in."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if needed > 0 and needed > free * 0.95:
+        raise OSError(f"not enough disk for the activation store: {needed / 2**30:.2f} GiB needed, "
+                      f"{free / 2**30:.2f} GiB free in {folder}; use --work-dir on a bigger disk or fewer --n-samples")
 
 
 def quantize_block(p: Plan, index: int, store_path: str | None, device: str | None = None):
@@ -219,23 +236,21 @@ def default_work_dir(out_dir: str) -> str:
     return out_dir.rstrip("/") + ".work"
 
 
-def quantize_model(model_dir: str, out_dir: str, opts: Options, work_dir: str | None = None, device: str | None = None,
-                   log=print) -> dict:
-    """Quantize model_dir into out_dir, one block after another. Block results are cached by content in
-    work_dir/cache, so a second run (or a run after a crash) redoes nothing that finished."""
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+def run_blocks(model_dir: str, opts: Options, work: str, device: str | None = None, log=print,
+               timings: dict | None = None) -> tuple[Plan, dict]:
+    """Calibration, capture and every block, results into work/cache: (plan, per-block stats)."""
+    timings = {} if timings is None else timings
+    t = time.perf_counter()
     p = plan(model_dir, opts)
-    work = work_dir or default_work_dir(out_dir)
     cache = BlockCache(os.path.join(work, "cache"))
-    store_path = None
     if opts.method == "awq":
         windows = calibrate(p)
-        timings["calibration"] = time.perf_counter() - t0
+        timings["calibration"] = time.perf_counter() - t
     t = time.perf_counter()
     if opts.method == "awq" and opts.mode == "sequential":
         stats = sequential_blocks(p, windows, cache, device)
     else:
+        store_path = None
         if opts.method == "awq":
             store_path = os.path.join(work, f"activations-{p.calib_fp}.zarr")
             store = capture(p, windows, store_path, device)
@@ -247,8 +262,19 @@ def quantize_model(model_dir: str, out_dir: str, opts: Options, work_dir: str | 
             stats[i] = cached_block(p, i, cache, store_path, device)
             log(f"block {i + 1}/{p.n_blocks} done")
     timings["blocks"] = time.perf_counter() - t
+    return p, stats
+
+
+def quantize_model(model_dir: str, out_dir: str, opts: Options, work_dir: str | None = None, device: str | None = None,
+                   log=print) -> dict:
+    """Quantize model_dir into out_dir, one block after another. Block results are cached by content in
+    work_dir/cache, so a second run (or a run after a crash) redoes nothing that finished."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    work = work_dir or default_work_dir(out_dir)
+    p, stats = run_blocks(model_dir, opts, work, device, log, timings)
     t = time.perf_counter()
-    files = save(p, out_dir, cache)
+    files = save(p, out_dir, BlockCache(os.path.join(work, "cache")))
     timings["save"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return {"out": out_dir, "files": files, "timings": timings, "stats": stats,

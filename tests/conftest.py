@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import torch
 
@@ -9,6 +10,9 @@ if not torch.cuda.is_available():
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# a private Prefect home: ephemeral-mode database and results never touch ~/.prefect
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="awqflow-prefect-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from pathlib import Path  # noqa: E402
 
