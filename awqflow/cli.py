@@ -32,6 +32,8 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window (default: model max, <= 2048)")
     p.add_argument("--mode", default="parallel", choices=["parallel", "sequential"],
                    help="parallel: blocks searched on FP inputs (AutoAWQ); sequential: on quantized outputs")
+    p.add_argument("--format", default="awq-gemm", choices=["awq-gemm", "compressed-tensors"],
+                   help="checkpoint layout: AutoAWQ GEMM (default) or compressed-tensors pack-quantized (4-bit only)")
     p.add_argument("--work-dir", default=None,
                    help="activations and the block-result cache (default: OUT.work); reruns reuse it")
 
@@ -39,7 +41,7 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
 def cmd_quantize(a) -> None:
     """Runs the Prefect flow `awq`; with no server configured Prefect runs it in ephemeral mode."""
     Options(method=a.method, w_bit=a.w_bit, group_size=a.group_size, zero_point=a.zero_point,
-            mode=a.mode)  # argument errors before Prefect starts
+            mode=a.mode, format=a.format)  # argument errors before Prefect starts
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from awqflow.flows.awq import awq
 
@@ -48,7 +50,7 @@ def cmd_quantize(a) -> None:
                  zero_point=a.zero_point, calib=a.calib, text_field=a.text_field, n_samples=a.n_samples,
                  seqlen=a.seqlen, clip=a.clip, duo_scaling=a.duo_scaling, mode=a.mode, devices=devices,
                  task_runner_name=a.task_runner, work_dir=a.work_dir, eval_text=a.eval_text,
-                 eval_seqlen=a.eval_seqlen)
+                 eval_seqlen=a.eval_seqlen, format=a.format)
     print(f"wrote {a.out} ({result['bytes'] / 2**20:.1f} MiB) in {result['timings']['total']:.1f} s")
     table = result["perplexity"]
     if table:
@@ -67,6 +69,19 @@ def cmd_ppl(a) -> None:
     print(json.dumps(r) if a.json else f"ppl {r['ppl']:.4f} over {r['tokens']} tokens ({r['windows']} x {r['seqlen']})")
 
 
+def cmd_check(a) -> None:
+    from awqflow.stages.check import check_checkpoint, linear_shapes
+
+    errors, warnings = check_checkpoint(a.model, a.tp)
+    print(f"{a.model}: {len(linear_shapes(a.model))} quantized linears, tp={a.tp}")
+    for w in warnings:
+        print(f"warning: {w}")
+    for e in errors:
+        print(f"error: {e}")
+    print("vLLM AWQ: " + ("rejects this checkpoint" if errors else "accepts this checkpoint"))
+    sys.exit(1 if errors else 0)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="awqflow", description="AWQ quantization of Hugging Face causal LMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +95,10 @@ def main(argv=None) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_ppl)
+    c = sub.add_parser("check", help="would vLLM's AWQ / AWQ-Marlin loaders accept this checkpoint?")
+    c.add_argument("--model", required=True, help="quantized checkpoint directory")
+    c.add_argument("--tp", type=int, default=1, help="tensor-parallel size to check the shards for")
+    c.set_defaults(func=cmd_check)
     args = parser.parse_args(argv)
     try:
         args.func(args)

@@ -15,7 +15,7 @@ from awqflow.stages.calibration import calibration_windows
 from awqflow.stages.capture import capture_block_inputs, embed_windows
 from awqflow.stages.model import CheckpointReader, block_kwargs, blocks_of, load_block, load_config, run_block, skeleton
 from awqflow.stages.quantize import QuantConfig
-from awqflow.stages.save import save_checkpoint
+from awqflow.stages.save import FORMATS, save_checkpoint
 from awqflow.stages.scales import SearchConfig
 from awqflow.storage.activations import ActivationStore
 from awqflow.storage.cache import BlockCache
@@ -39,12 +39,15 @@ class Options:
     # "parallel": every block searched on FP-captured inputs (AutoAWQ, the default);
     # "sequential": each block sees the previous blocks already quantized (llm-compressor)
     mode: str = "parallel"
+    format: str = "awq-gemm"  # or "compressed-tensors" (stages/export_ct.py)
 
     def __post_init__(self):
         if self.method not in ("awq", "rtn"):
             raise ValueError(f"method={self.method!r}: use 'awq' or 'rtn'")
         if self.mode not in ("parallel", "sequential"):
             raise ValueError(f"mode={self.mode!r}: use 'parallel' or 'sequential'")
+        if self.format not in FORMATS:
+            raise ValueError(f"format={self.format!r}: use one of {', '.join(FORMATS)}")
         QuantConfig(self.w_bit, self.group_size, self.zero_point)  # fails early on bad bits / group size
 
     @property
@@ -76,7 +79,7 @@ class Plan:
 
     def block_key(self, index: int) -> str:
         o = asdict(self.opts)
-        for unused in ("calib", "text_field", "n_samples", "seed"):  # all of these are in calib_fp
+        for unused in ("calib", "text_field", "n_samples", "seed", "format"):  # in calib_fp, or only for save
             o.pop(unused)
         if o["method"] == "rtn":
             o = {k: o[k] for k in ("method", "w_bit", "group_size", "zero_point")}
@@ -167,7 +170,7 @@ def quantize_block(p: Plan, index: int, store_path: str | None, device: str | No
         hidden = ActivationStore(store_path, mode="r").read(index, device)
         kwargs = block_kwargs(config, hidden.shape[1], device, dtype)[index]
         stats = search_block(block, arch, hidden, kwargs, p.opts.quant, p.opts.search, p.opts.clip)
-    return {k: v.cpu() for k, v in quantized_tensors(block, p.opts.quant).items()}, stats
+    return {k: v.cpu() for k, v in quantized_tensors(block, p.opts.quant, arch.unquantized).items()}, stats
 
 
 def cached_block(p: Plan, index: int, cache: BlockCache, store_path: str | None, device: str | None = None) -> dict:
@@ -195,7 +198,7 @@ def sequential_blocks(p: Plan, windows: torch.Tensor, cache: BlockCache, device:
         hit = cache.get(p.block_key(i))  # a resumed run replays finished blocks instead of searching again
         if hit is None:
             stats[i] = search_block(block, arch, hidden, kwargs[i], p.opts.quant, p.opts.search, p.opts.clip)
-            tensors = quantized_tensors(block, p.opts.quant)
+            tensors = quantized_tensors(block, p.opts.quant, arch.unquantized)
             cache.put(p.block_key(i), tensors, stats[i])
         else:
             tensors, stats[i] = hit
@@ -229,7 +232,8 @@ def save(p: Plan, out_dir: str, cache: BlockCache) -> list[str]:
     meta = asdict(p.opts)
     meta.update(model_fingerprint=p.model_fp, calibration_fingerprint=p.calib_fp)
     return save_checkpoint(p.model_dir, out_dir, blocks(), p.arch.blocks, p.opts.quant, p.opts.method,
-                           p.arch.not_converted, extra_meta=meta)
+                           p.arch.not_converted, extra_meta=meta, unquantized=p.arch.unquantized,
+                           fmt=p.opts.format)
 
 
 def default_work_dir(out_dir: str) -> str:
@@ -286,9 +290,10 @@ def evaluate(model_dir: str, text_file: str, seqlen: int | None = None, device: 
     from awqflow.stages.load import load_model, read_config
     from awqflow.stages.perplexity import eval_windows, perplexity
 
+    config = read_config(model_dir)
     if not os.path.exists(text_file):
         raise FileNotFoundError(f"evaluation text {text_file} does not exist")
-    seqlen = seqlen or min(2048, read_config(model_dir).get("max_position_embeddings", 2048))
+    seqlen = seqlen or min(2048, config.get("max_position_embeddings", 2048))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     with open(text_file, encoding="utf-8") as f:
         windows = eval_windows(tokenizer, f.read(), seqlen)

@@ -111,12 +111,12 @@ def awq(model: str, out: str, method: str = "awq", w_bit: int = 4, group_size: i
         calib: str = "pileval", text_field: str = "text", n_samples: int = 128, seqlen: int = 512,
         clip: bool = True, duo_scaling: bool = True, mode: str = "parallel", devices: list[str] | None = None,
         task_runner_name: str = "threads", work_dir: str | None = None, eval_text: str | None = None,
-        eval_seqlen: int | None = None) -> dict:
+        eval_seqlen: int | None = None, format: str = "awq-gemm") -> dict:
     """Quantize `model` into `out`; with eval_text, also report FP / RTN / AWQ perplexity."""
     logger = get_run_logger()
     opts = pipeline.Options(method=method, w_bit=w_bit, group_size=group_size, zero_point=zero_point, calib=calib,
                             text_field=text_field, n_samples=n_samples, seqlen=seqlen, clip=clip,
-                            duo_scaling=duo_scaling, mode=mode)
+                            duo_scaling=duo_scaling, mode=mode, format=format)
     devices = tuple(devices or [pipeline.resolve_device(None)])
     work = work_dir or pipeline.default_work_dir(out)
     cache_url = os.path.join(work, "cache")

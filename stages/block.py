@@ -3,29 +3,41 @@
 import torch
 from torch import nn
 
-from awqflow.stages.architectures import Architecture
+from awqflow.stages.architectures import Architecture, ScaleGroup
 from awqflow.stages.clip import apply_clip, search_clip
 from awqflow.stages.pack import pack_gemm
 from awqflow.stages.quantize import QuantConfig, dequantize_codes, quantize_codes
-from awqflow.stages.scales import SearchConfig, apply_scales, group_applies, search_scales
+from awqflow.stages.scales import SearchConfig, apply_scales, block_groups, search_scales
 
 
 def linears_of(block: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
 
 
-def input_owner(arch: Architecture, name: str) -> str:
-    """Linears of one scale group read the same tensor: keep it once, under the group's first linear."""
-    return next((g.linears[0] for g in arch.groups if name in g.linears), name)
+def input_sources(block: nn.Module, groups: list[ScaleGroup]) -> dict[str, str]:
+    """Linear name -> (name of the module whose input it reads, key under which that input is kept).
+    A group's input is taken where its `inspect` module receives it, so that every expert of a MoE group
+    sees all tokens; it is kept once, under the group's first linear. Other linears read their own input."""
+    sources = {n: (n, n) for n in linears_of(block)}
+    for g in groups:
+        for name in g.linears:
+            sources[name] = (g.inspect, g.linears[0])
+    return sources
 
 
 def collect_linear_inputs(block: nn.Module, arch: Architecture, hidden: torch.Tensor, kwargs: dict,
                           batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """The input of every linear of the block on the calibration data, (n, seqlen, in) each."""
-    owners = {input_owner(arch, n) for n in linears_of(block)}
-    seen: dict[str, list[torch.Tensor]] = {n: [] for n in owners}
-    handles = [linears_of(block)[n].register_forward_hook(
-        lambda m, args, out, n=n: seen[n].append(args[0].detach())) for n in owners]
+    """The input of every linear of the block on the calibration data, (n, seqlen, in) or (tokens, in)
+    each, keyed as input_sources says. A linear that sees no token (an expert never routed to) is absent."""
+    hooked = dict(input_sources(block, block_groups(block, arch)).values())
+    seen: dict[str, list[torch.Tensor]] = {key: [] for key in hooked.values()}
+
+    def record(key):
+        # attention modules get their input as the hidden_states keyword
+        return lambda m, args, kw: seen[key].append((args[0] if args else kw["hidden_states"]).detach())
+
+    handles = [block.get_submodule(module).register_forward_pre_hook(record(key), with_kwargs=True)
+               for module, key in hooked.items()]
     try:
         with torch.no_grad():
             for chunk in hidden.split(batch_size):
@@ -33,7 +45,7 @@ def collect_linear_inputs(block: nn.Module, arch: Architecture, hidden: torch.Te
     finally:
         for h in handles:
             h.remove()
-    return {n: torch.cat(v) for n, v in seen.items()}
+    return {k: torch.cat(v) for k, v in seen.items() if v}
 
 
 @torch.no_grad()
@@ -41,10 +53,11 @@ def search_block(block: nn.Module, arch: Architecture, hidden: torch.Tensor, kwa
                  scfg: SearchConfig = SearchConfig(), clip: bool = True) -> dict:
     """AWQ on one FP block, in place: searches all scales on the FP block first, then fuses them, then
     clips (on the scaled inputs), as AutoAWQ does. Returns the search statistics per group."""
+    groups = block_groups(block, arch)
     inputs = collect_linear_inputs(block, arch, hidden, kwargs)
     found = []
-    for group in arch.groups:
-        if group_applies(block, group):
+    for group in groups:
+        if group.linears[0] in inputs:
             x = inputs[group.linears[0]]
             found.append((group, *search_scales(block, group, x, qcfg, scfg, kwargs)))
     stats = {}
@@ -53,18 +66,21 @@ def search_block(block: nn.Module, arch: Architecture, hidden: torch.Tensor, kwa
         inputs[group.linears[0]] = inputs[group.linears[0]] / s.to(inputs[group.linears[0]].dtype)
         stats[group.prev + "->" + ",".join(group.linears)] = info
     if clip:
+        sources = input_sources(block, groups)
         for name, lin in linears_of(block).items():
-            if name not in arch.no_clip:
-                apply_clip(lin.weight, search_clip(lin.weight, inputs[input_owner(arch, name)], qcfg))
+            key = sources[name][1]
+            if name not in arch.no_clip and name not in arch.unquantized and key in inputs:
+                apply_clip(lin.weight, search_clip(lin.weight, inputs[key], qcfg))
     return stats
 
 
 @torch.no_grad()
-def quantized_tensors(block: nn.Module, qcfg: QuantConfig) -> dict[str, torch.Tensor]:
+def quantized_tensors(block: nn.Module, qcfg: QuantConfig, keep: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """The block's tensors as they go into the checkpoint: 4-bit linears packed in the GEMM layout,
-    3-bit ones as dequantized (fake-quant) weights; every other tensor as it is."""
+    3-bit ones as dequantized (fake-quant) weights; every other tensor, and the linears named in
+    `keep` (modules_to_not_convert), as it is."""
     out = {}
-    lins = linears_of(block)
+    lins = {n: lin for n, lin in linears_of(block).items() if n not in keep}
     for name, lin in lins.items():
         codes, scales, zeros = quantize_codes(lin.weight.data, qcfg)
         if qcfg.w_bit == 4:

@@ -7,22 +7,24 @@ own: any order, any device, any machine. Only one block's weights are in memory 
 import torch
 
 from awqflow.stages.architectures import architecture_for
-from awqflow.stages.model import (CheckpointReader, block_kwargs, blocks_of, load_block, materialize, run_block,
-                                  skeleton)
+from awqflow.stages.model import (CheckpointReader, block_kwargs, blocks_of, load_block, materialize, rebuild_rotary,
+                                  record_block_calls, run_block, skeleton)
 from awqflow.storage.activations import ActivationStore
 
 
 def embed_windows(model_dir: str, config, windows: torch.Tensor, device, dtype) -> torch.Tensor:
+    """Block 0's input as the model itself computes it: everything in front of the blocks (token and
+    position embeddings, Gemma's embedding scale, OPT's project_in) runs with its real weights."""
+    arch = architecture_for(config.model_type)
     reader = CheckpointReader(model_dir)
     model = skeleton(config)
-    embed = model.get_input_embeddings()
-    name = next(n for n, m in model.named_modules() if m is embed)
-    materialize(embed, name + ".", reader, device, dtype)
-    with torch.no_grad():
-        hidden = embed(windows.to(device))
-    # some families (Gemma) scale embeddings inside the model's forward, not in the embedding module
-    if hasattr(config, "embed_scale"):
-        hidden = hidden * config.embed_scale
+    path = arch.blocks.rpartition(".")[0]
+    blocks = blocks_of(model, arch)
+    for name, child in model.get_submodule(path).named_children():
+        if child is not blocks:
+            materialize(child, f"{path}.{name}.", reader, device, dtype, init=model._init_weights)
+    rebuild_rotary(model.get_submodule(path), config, device)
+    (hidden, _), = record_block_calls(model, arch, 1, input_ids=windows.to(device))
     return hidden
 
 

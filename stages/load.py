@@ -1,5 +1,5 @@
-"""Load a model for evaluation: an FP checkpoint through transformers, an awqflow GEMM checkpoint
-through the project's own QuantLinear (transformers' AWQ path needs a GPU-oriented backend)."""
+"""Load a model for evaluation: an FP checkpoint through transformers, an awqflow 4-bit checkpoint
+(GEMM or compressed-tensors) through the project's own QuantLinear (transformers' AWQ path needs a GPU-oriented backend)."""
 
 import json
 import os
@@ -9,7 +9,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from awqflow.kernels.quant_linear import QuantLinear
-from awqflow.stages.model import CheckpointReader, rebuild_rotary, set_module
+from awqflow.stages import export_ct
+from awqflow.stages.architectures import architecture_for
+from awqflow.stages.model import CheckpointReader, init_buffers, rebuild_rotary, set_module, skeleton
 
 
 def read_config(model_dir: str) -> dict:
@@ -28,26 +30,35 @@ def load_model(model_dir: str, device="cpu", dtype: torch.dtype | None = None) -
     if quant is None:
         kwargs = {"dtype": dtype or (torch.float32 if str(device) == "cpu" else "auto")}
         return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).to(device).eval()
-    if quant.get("quant_method") != "awq" or quant.get("version", "gemm").lower() != "gemm" or quant.get("bits") != 4:
-        raise ValueError(f"{model_dir}: only 4-bit AWQ GEMM checkpoints can be loaded here, got {quant}")
-    return load_awq_gemm(model_dir, device, dtype or (torch.float32 if str(device) == "cpu" else torch.float16))
+    method, dtype = quant.get("quant_method"), dtype or (torch.float32 if str(device) == "cpu" else torch.float16)
+    if method == "awq" and quant.get("version", "gemm").lower() == "gemm" and quant.get("bits") == 4:
+        return load_packed(model_dir, device, dtype, quant["group_size"])
+    weights = quant.get("config_groups", {}).get("group_0", {}).get("weights", {})
+    if method == "compressed-tensors" and quant.get("format") == "pack-quantized" and weights.get("num_bits") == 4:
+        return load_packed(model_dir, device, dtype, weights.get("group_size") or -1, export_ct.to_gemm)
+    raise ValueError(f"{model_dir}: only 4-bit AWQ GEMM and compressed-tensors pack-quantized checkpoints "
+                     f"can be loaded here, got {quant}")
 
 
-def load_awq_gemm(model_dir: str, device, dtype: torch.dtype) -> nn.Module:
+def load_packed(model_dir: str, device, dtype: torch.dtype, group: int, to_gemm=None) -> nn.Module:
+    """A 4-bit checkpoint on the GEMM QuantLinear; to_gemm converts another packed layout's tensors."""
     config = AutoConfig.from_pretrained(model_dir)
     del config.quantization_config
     reader = CheckpointReader(model_dir)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
-    group = read_config(model_dir)["quantization_config"]["group_size"]
-    for name in reader.names():
+    state = reader.load(reader.names(), device)
+    if to_gemm is not None:
+        state = to_gemm(state)
+    for old, new in architecture_for(config.model_type).renames:
+        state = {new + k[len(old):] if k.startswith(old) else k: v for k, v in state.items()}
+    model = skeleton(config, dtype)
+    for name in state:
         if name.endswith(".qweight"):
             path = name[: -len(".qweight")]
             lin = model.get_submodule(path)
             set_module(model, path, QuantLinear(lin.in_features, lin.out_features, group,
                                                 lin.bias is not None, device="meta", dtype=torch.float16))
     model.to_empty(device=device)
-    state = reader.load(reader.names(), device)
+    init_buffers(model, model._init_weights)
     missing, unexpected = model.load_state_dict(
         {k: v if v.dtype == torch.int32 or k.endswith(".scales") else v.to(dtype) for k, v in state.items()},
         strict=False,

@@ -10,6 +10,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from awqflow.stages.architectures import Architecture, architecture_for
+from awqflow.stages.moe import unfuse_experts
 
 
 class CheckpointReader:
@@ -57,10 +58,15 @@ def load_config(model_dir: str):
     return config
 
 
-def skeleton(config) -> nn.Module:
-    """The model with every weight on the meta device: structure only, no memory."""
+def skeleton(config, dtype: torch.dtype | None = None) -> nn.Module:
+    """The model with every weight on the meta device: structure only, no memory. MoE experts come
+    one linear per expert, as checkpoints store them."""
+    arch = architecture_for(config.model_type)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=config.dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or config.dtype)  # sdpa where supported
+    if arch.fused_experts:
+        unfuse_experts(blocks_of(model, arch), arch.fused_experts)
+    return model.eval()  # from_config leaves training mode on: dropout (OPT, GPT-NeoX) would be active
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module:
@@ -76,9 +82,13 @@ def blocks_of(model: nn.Module, arch: Architecture) -> nn.ModuleList:
     return model.get_submodule(arch.blocks)
 
 
-def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, device, dtype) -> nn.Module:
-    """Give a meta-device submodule its real weights from the checkpoint (prefix = its name there)."""
+def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, device, dtype, init=None) -> nn.Module:
+    """Give a meta-device submodule its real weights from the checkpoint (prefix = its name there).
+    init (the model's _init_weights) sets the non-persistent buffers no checkpoint holds (Gemma's
+    embedding scale) before the weights are loaded."""
     module.to_empty(device=device).to(dtype)
+    if init is not None:
+        init_buffers(module, init)
     names = [prefix + k for k in module.state_dict()]
     missing = [n for n in names if n not in reader.file_of]
     if missing:
@@ -86,6 +96,14 @@ def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, device
     tensors = reader.load(names, device)
     module.load_state_dict({k[len(prefix):]: v.to(dtype) for k, v in tensors.items()})
     return module
+
+
+def init_buffers(module: nn.Module, init) -> None:
+    """Set the non-persistent buffers left empty by to_empty with the model's own init (weights the
+    modules also hold are loaded afterwards)."""
+    for m in module.modules():
+        if m._non_persistent_buffers_set:
+            init(m)
 
 
 def load_block(model: nn.Module, arch: Architecture, index: int, reader: CheckpointReader, device, dtype) -> nn.Module:
@@ -101,7 +119,7 @@ class _StopForward(Exception):
 
 
 class _Recorder(nn.Module):
-    """Stands in for a decoder block: records the keyword arguments the model passes to it."""
+    """Stands in for a decoder block: records the hidden states and keyword arguments the model passes to it."""
 
     def __init__(self, block: nn.Module, record: list, last: bool):
         super().__init__()
@@ -111,7 +129,7 @@ class _Recorder(nn.Module):
             self.attention_type = block.attention_type
 
     def forward(self, hidden_states, *args, **kwargs):
-        self.record.append(kwargs)
+        self.record.append((hidden_states, kwargs))
         if self.last:
             raise _StopForward
         return hidden_states
@@ -124,24 +142,38 @@ def rebuild_rotary(model: nn.Module, config, device) -> None:
             set_module(model, name, type(module)(config=config).to(device))
 
 
+def record_block_calls(model: nn.Module, arch: Architecture, n_blocks: int, **inputs) -> list[tuple]:
+    """Run the model body (everything that owns the block list) with recorders in place of its first
+    n_blocks blocks: (hidden_states, kwargs) of each call, exactly as the model builds them."""
+    path = arch.blocks.rpartition(".")[0]
+    blocks = blocks_of(model, arch)
+    record: list[tuple] = []
+    for i in range(n_blocks):
+        blocks[i] = _Recorder(blocks[i], record, last=i == n_blocks - 1)
+    try:
+        with torch.no_grad():
+            model.get_submodule(path)(**inputs, use_cache=False)
+    except _StopForward:
+        pass
+    return record
+
+
 def block_kwargs(config, seqlen: int, device, dtype) -> list[dict]:
     """Per-block keyword arguments (mask, rotary embeddings, positions) as the model itself builds
     them for a batch of unpadded windows. Recomputed on demand, never stored."""
     arch = architecture_for(config.model_type)
     model = skeleton(config)
-    inner = model.get_submodule(arch.blocks.rpartition(".")[0])
-    rebuild_rotary(inner, config, device)
-    blocks = blocks_of(model, arch)
-    record: list[dict] = []
-    for i, block in enumerate(blocks):
-        blocks[i] = _Recorder(block, record, last=i == len(blocks) - 1)
+    body = model.get_submodule(arch.blocks.rpartition(".")[0])
+    skipped = (blocks_of(model, arch), model.get_input_embeddings())
+    for child in body.children():
+        if all(child is not m for m in skipped):
+            # modules in front of the blocks (OPT's position embedding) must run, but their values
+            # never reach the recorded kwargs: memory is enough, no weights
+            child.to_empty(device=device)
+    rebuild_rotary(body, config, device)
     embeds = torch.zeros(1, seqlen, config.hidden_size, device=device, dtype=dtype)
-    try:
-        with torch.no_grad():
-            inner(inputs_embeds=embeds, use_cache=False)
-    except _StopForward:
-        pass
-    return record
+    calls = record_block_calls(model, arch, len(blocks_of(model, arch)), inputs_embeds=embeds)
+    return [kwargs for _, kwargs in calls]
 
 
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch_size: int = 8) -> torch.Tensor:

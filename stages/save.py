@@ -9,10 +9,12 @@ import torch
 from safetensors.torch import save_file
 
 from awqflow import __version__
+from awqflow.stages import export_ct
 from awqflow.stages.model import CheckpointReader
 from awqflow.stages.quantize import QuantConfig
 
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
+FORMATS = ("awq-gemm", "compressed-tensors")
 
 
 def quantization_config(qcfg: QuantConfig, not_converted) -> dict:
@@ -67,9 +69,16 @@ class _ShardWriter:
 
 def save_checkpoint(model_dir: str, out_dir: str, block_tensors, blocks_prefix: str, qcfg: QuantConfig,
                     method: str, not_converted=("lm_head",), extra_meta: dict | None = None,
-                    max_shard_bytes: int = 4 << 30) -> list[str]:
-    """block_tensors: iterable of (index, {name in block: tensor}) in order. Writes into a temporary
-    folder renamed over out_dir at the end, so a crash never leaves a half-written checkpoint."""
+                    max_shard_bytes: int = 4 << 30, unquantized=(), fmt: str = "awq-gemm") -> list[str]:
+    """block_tensors: iterable of (index, {name in block: tensor}) in order, in the GEMM layout.
+    unquantized: block modules left in full precision; each block's ones are listed by full name in
+    modules_to_not_convert / ignore. fmt: "awq-gemm" or "compressed-tensors" (4-bit only).
+    Writes into a temporary folder renamed over out_dir at the end, so a crash never leaves a
+    half-written checkpoint."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format={fmt!r}: use one of {', '.join(FORMATS)}")
+    if fmt == "compressed-tensors" and qcfg.w_bit != 4:
+        raise ValueError("the compressed-tensors export holds packed 4-bit weights: use --w-bit 4")
     reader = CheckpointReader(model_dir)
     with open(os.path.join(model_dir, "config.json")) as f:
         config = json.load(f)
@@ -84,7 +93,11 @@ def save_checkpoint(model_dir: str, out_dir: str, block_tensors, blocks_prefix: 
     outside = [n for n in reader.names() if not n.startswith(blocks_prefix + ".")]
     for name, t in reader.load(outside).items():
         writer.add(name, _cast(t, dtype))
+    kept = list(not_converted)
     for index, tensors in block_tensors:
+        kept += [f"{blocks_prefix}.{index}.{m}" for m in unquantized if f"{m}.weight" in tensors]
+        if fmt == "compressed-tensors":
+            tensors = export_ct.from_gemm(tensors, qcfg.zero_point)
         for name, t in tensors.items():
             writer.add(f"{blocks_prefix}.{index}.{name}", t if t.dtype == torch.int32 else _cast(t, dtype))
     final = writer.close()
@@ -93,10 +106,11 @@ def save_checkpoint(model_dir: str, out_dir: str, block_tensors, blocks_prefix: 
             "zero_point": qcfg.zero_point, **(extra_meta or {})}
     config.pop("quantization_config", None)
     if packed:
-        config["quantization_config"] = quantization_config(qcfg, not_converted)
+        config["quantization_config"] = (quantization_config(qcfg, kept) if fmt == "awq-gemm"
+                                         else export_ct.quantization_config(qcfg, kept))
         config["dtype"] = "float16"
         config.pop("torch_dtype", None)
-        meta["format"] = "awq-gemm"
+        meta["format"] = fmt
     else:
         # the GEMM layout holds 4-bit codes only: store the dequantized weights, clearly labelled
         meta["format"] = "fake-quant"

@@ -7,13 +7,14 @@ of the batch by that candidate's weights, so the grid costs one batched pass rat
 loop of small kernels.
 """
 
+import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from awqflow.stages.architectures import ScaleGroup
+from awqflow.stages.architectures import Architecture, ScaleGroup
 from awqflow.stages.quantize import QuantConfig, fake_quantize
 
 
@@ -21,14 +22,38 @@ from awqflow.stages.quantize import QuantConfig, fake_quantize
 class SearchConfig:
     n_grid: int = 20
     duo_scaling: bool = True
-    memory_budget: int = 1 << 30  # bytes of activations one grid step may hold
+    memory_budget: int = 2 << 30  # bytes that one step of the grid may hold (weights + activations)
 
 
 def group_applies(block: nn.Module, group: ScaleGroup) -> bool:
-    """A linear can absorb 1/s only if its output width matches the next input (not under GQA v->o)."""
+    """A linear can absorb 1/s only if (its part of) its output width matches the next input (not under
+    GQA v->o)."""
     prev = block.get_submodule(group.prev)
     first = block.get_submodule(group.linears[0])
-    return not isinstance(prev, nn.Linear) or prev.out_features == first.in_features
+    return not isinstance(prev, nn.Linear) or prev.out_features == group.prev_chunks * first.in_features
+
+
+def _pattern(name: str) -> re.Pattern:
+    return re.compile(re.escape(name).replace(r"\*", r"([^.]+)"))
+
+
+def block_groups(block: nn.Module, arch: Architecture) -> list[ScaleGroup]:
+    """The architecture's groups as they exist in this block: wildcards expanded, absent or
+    inapplicable groups left out."""
+    names = [n for n, _ in block.named_modules()]
+    out = []
+    for group in arch.groups:
+        if "*" in group.prev:  # one group per match, every * standing for the same component
+            rx = _pattern(group.prev)
+            keys = [m.group(1) for n in names if (m := rx.fullmatch(n))]
+            found = [replace(group, prev=group.prev.replace("*", k), inspect=group.inspect.replace("*", k),
+                             linears=tuple(n.replace("*", k) for n in group.linears)) for k in keys]
+        else:  # every match of the linears' patterns in one group
+            linears = tuple(n for p in group.linears for n in names if _pattern(p).fullmatch(n))
+            found = [replace(group, linears=linears)] if linears else []
+        out += [g for g in found
+                if all(n in names for n in (g.prev, g.inspect, *g.linears, *g.also_scaled)) and group_applies(block, g)]
+    return out
 
 
 def candidate_scales(x: torch.Tensor, weights: list[torch.Tensor], qcfg: QuantConfig, scfg: SearchConfig):
@@ -76,28 +101,30 @@ def _call(module: nn.Module, x: torch.Tensor, kwargs: dict | None):
 
 
 def grid_losses(inspect: nn.Module, linears: list[nn.Linear], scales: torch.Tensor, x: torch.Tensor,
-                qcfg: QuantConfig, scfg: SearchConfig, kwargs: dict | None = None) -> torch.Tensor:
-    """Mean squared error of `inspect`'s output, per candidate, with W -> Q(W * s) / s in every linear."""
+                qcfg: QuantConfig, scfg: SearchConfig, kwargs: dict | None = None, batched: bool = True) -> torch.Tensor:
+    """Mean squared error of `inspect`'s output, per candidate, with W -> Q(W * s) / s in every linear.
+
+    Candidates go in chunks whose quantized weights and activations fit the memory budget; each
+    chunk's weights are quantized once and reused for every batch of samples. batched=False takes
+    one candidate at a time: needed where a module routes tokens (MoE experts see a subset of the
+    batch, so candidates cannot ride along the batch dimension)."""
     n_cand = scales.shape[0]
+    weight_bytes = sum(lin.weight.numel() for lin in linears) * x.element_size() * 2
     widest = max([x.shape[-1]] + [lin.out_features for lin in linears])
-    per_sample = x[0].numel() // x.shape[-1] * widest * x.element_size() * 4
-    per_step = max(1, scfg.memory_budget // per_sample)  # samples (x candidates) one step may hold
-    cand_chunk = min(n_cand, per_step)
-    batch = max(1, per_step // cand_chunk)
-    sq_err = torch.zeros(n_cand, dtype=torch.float64, device=x.device)
-    count = 0
+    sample_bytes = x[0].numel() // x.shape[-1] * widest * x.element_size() * 4
+    cand_chunk = int(max(1, min(n_cand if batched else 1, scfg.memory_budget // 2 // weight_bytes)))
+    batch = int(max(1, scfg.memory_budget // 2 // (sample_bytes * cand_chunk)))
     with torch.no_grad():
-        for xb in x.split(batch):
-            ref = _call(inspect, xb, kwargs).float()
-            count += ref.numel()
-            for start in range(0, n_cand, cand_chunk):
-                s = scales[start:start + cand_chunk].to(x.dtype)
-                stacks = [fake_quantize_stack(lin.weight, s, qcfg) for lin in linears]
-                with candidate_weights(linears, stacks):
+        refs = [_call(inspect, xb, kwargs).float() for xb in x.split(batch)]
+        sq_err = torch.zeros(n_cand, dtype=torch.float64, device=x.device)
+        for start in range(0, n_cand, cand_chunk):
+            s = scales[start:start + cand_chunk].to(x.dtype)
+            stacks = [fake_quantize_stack(lin.weight, s, qcfg) for lin in linears]
+            with candidate_weights(linears, stacks):
+                for xb, ref in zip(x.split(batch), refs):
                     out = _call(inspect, xb.repeat(len(s), *[1] * (xb.dim() - 1)), kwargs).float()
-                err = (out.view(len(s), -1) - ref.view(1, -1)).pow(2).sum(dim=1)
-                sq_err[start:start + len(s)] += err.double()
-    return sq_err / count
+                    sq_err[start:start + len(s)] += (out.view(len(s), -1) - ref.view(1, -1)).pow(2).sum(dim=1).double()
+    return sq_err / sum(r.numel() for r in refs)
 
 
 def fake_quantize_stack(w: torch.Tensor, s: torch.Tensor, qcfg: QuantConfig) -> torch.Tensor:
@@ -114,7 +141,8 @@ def search_scales(block: nn.Module, group: ScaleGroup, x: torch.Tensor, qcfg: Qu
     linears = [block.get_submodule(n) for n in group.linears]
     inspect = block.get_submodule(group.inspect)
     alphas, cands = candidate_scales(x, [lin.weight for lin in linears], qcfg, scfg)
-    losses = grid_losses(inspect, linears, cands, x, qcfg, scfg, kwargs if group.inspect_takes_kwargs else None)
+    losses = grid_losses(inspect, linears, cands, x, qcfg, scfg, kwargs if group.inspect_takes_kwargs else None,
+                          batched=not group.routes_tokens)
     best = int(torch.argmin(losses))
     s = cands[best]
     info = {
@@ -133,11 +161,12 @@ def apply_scales(block: nn.Module, group: ScaleGroup, s: torch.Tensor) -> None:
     prev = block.get_submodule(group.prev)
     with torch.no_grad():
         if isinstance(prev, nn.Linear):
-            prev.weight.div_(s.view(-1, 1).to(prev.weight.dtype))
+            prev.weight[-len(s):].div_(s.view(-1, 1).to(prev.weight.dtype))  # the last part of a fused prev
         else:
-            prev.weight.div_(s.to(prev.weight.dtype))
+            w = prev.weight
+            w.copy_(((w.double() + group.prev_offset) / s.double() - group.prev_offset).to(w.dtype))
         if getattr(prev, "bias", None) is not None:
-            prev.bias.div_(s.to(prev.bias.dtype))
-        for name in group.linears:
+            prev.bias[-len(s):].div_(s.to(prev.bias.dtype))
+        for name in group.linears + group.also_scaled:
             lin = block.get_submodule(name)
             lin.weight.mul_(s.view(1, -1).to(lin.weight.dtype))

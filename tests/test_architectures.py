@@ -1,0 +1,135 @@
+"""Every supported architecture on a tiny random-weight model: fusing scales keeps the model's function,
+capture equals the model's own hidden states, and quantize -> save -> our loader -> perplexity runs."""
+
+import json
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+from awqflow.pipeline import Options, cached_block, capture, plan, save
+from awqflow.stages.architectures import ARCHITECTURES, architecture_for
+from awqflow.stages.load import load_model
+from awqflow.stages.model import blocks_of
+from awqflow.stages.moe import unfuse_experts
+from awqflow.stages.perplexity import perplexity
+from awqflow.stages.scales import apply_scales, block_groups
+from awqflow.storage.cache import BlockCache
+from awqflow.storage.fingerprint import tensor_fingerprint
+
+VOCAB = 256
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=128)
+ROPE = dict(head_dim=16)
+
+# model_type -> (config class, overrides, scale groups applied per block)
+CONFIGS = {
+    "llama": ("LlamaConfig", dict(num_key_value_heads=2), 3),  # GQA: v -> o skipped
+    "mistral": ("MistralConfig", {}, 4),
+    "qwen2": ("Qwen2Config", {}, 4),
+    "qwen3": ("Qwen3Config", dict(ROPE, num_key_value_heads=2), 3),
+    "gemma2": ("Gemma2Config", dict(ROPE, query_pre_attn_scalar=16), 4),
+    "gemma3_text": ("Gemma3TextConfig", dict(ROPE, query_pre_attn_scalar=16), 4),
+    "phi3": ("Phi3Config", dict(pad_token_id=0), 4),
+    "opt": ("OPTConfig", dict(ffn_dim=128, word_embed_proj_dim=64, pad_token_id=1), 4),
+    "gpt_neox": ("GPTNeoXConfig", dict(rotary_pct=0.5), 2),
+    # 4 experts: the all-experts gate/up group + one up -> down group per expert, v -> o, q/k/v
+    "qwen3_moe": ("Qwen3MoeConfig", dict(ROPE, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+                                         norm_topk_prob=True), 2 + 1 + 4),
+}
+
+
+def tiny_config(model_type: str):
+    cls, overrides, _ = CONFIGS[model_type]
+    return getattr(transformers, cls)(**{**SMALL, **overrides})
+
+
+def randomize(model, model_type):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and p.dim() == 1 and name.endswith("weight"):
+                # non-trivial norms (Gemma's weights are offsets from 1)
+                base = 0.0 if model_type.startswith("gemma") else 1.0
+                p.copy_(base + 0.3 * torch.randn_like(p))
+            else:
+                p.copy_(0.1 * torch.randn_like(p))
+
+
+def test_every_architecture_has_a_test():
+    assert set(ARCHITECTURES) == set(CONFIGS)
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_random_scales_on_every_group_keep_the_model_function(model_type):
+    config = tiny_config(model_type)
+    arch = architecture_for(model_type)
+    model = AutoModelForCausalLM.from_config(config).double().eval()
+    if arch.fused_experts:
+        unfuse_experts(blocks_of(model, arch), arch.fused_experts)
+        model.double()
+    randomize(model, model_type)
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(ids).logits
+    torch.manual_seed(2)
+    for block in blocks_of(model, arch):
+        groups = block_groups(block, arch)
+        assert len(groups) == CONFIGS[model_type][2], [g.prev for g in groups]
+        for g in groups:
+            k = block.get_submodule(g.linears[0]).in_features
+            apply_scales(block, g, torch.exp(torch.randn(k, dtype=torch.float64)))
+    with torch.no_grad():
+        after = model(ids).logits
+    # Gemma's norms compute in float32 even in a float64 model; a wrong offset would be off by O(1)
+    tol = 1e-5 if model_type.startswith("gemma") else 1e-9
+    torch.testing.assert_close(after, before, rtol=tol, atol=tol)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return tmp_path_factory.mktemp("arch")
+
+
+def save_model(folder, model_type):
+    config = tiny_config(model_type)
+    model = AutoModelForCausalLM.from_config(config)
+    randomize(model, model_type)
+    model.to(torch.float16).save_pretrained(folder / model_type)
+    return folder / model_type
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_quantize_save_load_and_perplexity(model_type, checkpoints):
+    src = save_model(checkpoints, model_type)
+    windows = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(3))
+    p = plan(str(src), Options(group_size=32, n_grid=4, n_samples=4, seqlen=32))
+    p.calib_fp = tensor_fingerprint(windows)
+    store = capture(p, windows, str(checkpoints / f"{model_type}.zarr"), "cpu")
+
+    fp = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hidden = fp(windows, output_hidden_states=True).hidden_states
+        fp_logits = fp(windows).logits
+    for i in range(p.n_blocks):  # capture equals the model's own hidden states (embedding scale, positions)
+        torch.testing.assert_close(store.read(i), hidden[i], rtol=1e-5, atol=1e-5)
+
+    cache = BlockCache(str(checkpoints / f"{model_type}.cache"))
+    stats = [cached_block(p, i, cache, store.path, "cpu") for i in range(p.n_blocks)]
+    assert all(len(s) == CONFIGS[model_type][2] for s in stats)
+    out = checkpoints / f"{model_type}-awq"
+    save(p, str(out), cache)
+
+    quant = json.loads((out / "config.json").read_text())["quantization_config"]
+    arch = architecture_for(model_type)
+    assert quant["modules_to_not_convert"] == list(arch.not_converted) + [
+        f"{arch.blocks}.{i}.{m}" for i in range(p.n_blocks) for m in arch.unquantized]  # MoE routers by full name
+
+    model = load_model(str(out))
+    with torch.no_grad():
+        q_logits = model(windows).logits
+    cos = torch.nn.functional.cosine_similarity(q_logits.flatten(), fp_logits.flatten(), dim=0)
+    assert cos > 0.95, cos
+    ppl = perplexity(model, windows)["ppl"]
+    assert ppl == ppl and ppl < 4 * perplexity(fp, windows)["ppl"]
