@@ -8,14 +8,22 @@ import sys
 from awqflow.pipeline import Options
 
 
+def _format(value: str) -> str:
+    """AutoAWQ calls its layout a version ("GEMM"); ours is named by format."""
+    return "awq-gemm" if value.lower() in ("gemm", "awq-gemm") else value
+
+
 def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="Hugging Face model directory (safetensors)")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--method", default="awq", help="awq (default) or rtn")
-    p.add_argument("--w-bit", type=int, default=4, help="4 (AutoAWQ GEMM checkpoint) or 3 (fake-quant checkpoint)")
-    p.add_argument("--group-size", type=int, default=128, help="32, 64, 128 or -1 (whole row)")
-    p.add_argument("--zero-point", action=argparse.BooleanOptionalAction, default=True,
-                   help="asymmetric quantization with zero points (default) or symmetric")
+    # AutoAWQ's quant_config names (w_bit, q_group_size, zero_point, version) are accepted as aliases
+    p.add_argument("--w-bit", "--w_bit", dest="w_bit", type=int, default=4,
+                   help="4 (AutoAWQ GEMM checkpoint) or 3 (fake-quant checkpoint)")
+    p.add_argument("--group-size", "--q-group-size", "--q_group_size", dest="group_size", type=int, default=128,
+                   help="32, 64, 128 or -1 (whole row)")
+    p.add_argument("--zero-point", "--zero_point", dest="zero_point", action=argparse.BooleanOptionalAction,
+                   default=True, help="asymmetric quantization with zero points (default) or symmetric")
     p.add_argument("--calib", default="pileval", help="local .txt/.jsonl/.parquet file or datasets name")
     p.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet/datasets calibration data")
     p.add_argument("--n-samples", type=int, default=128)
@@ -32,8 +40,8 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window (default: model max, <= 2048)")
     p.add_argument("--mode", default="parallel", choices=["parallel", "sequential"],
                    help="parallel: blocks searched on FP inputs (AutoAWQ); sequential: on quantized outputs")
-    p.add_argument("--format", default="awq-gemm", choices=["awq-gemm", "compressed-tensors"],
-                   help="checkpoint layout: AutoAWQ GEMM (default) or compressed-tensors pack-quantized (4-bit only)")
+    p.add_argument("--format", "--version", dest="format", default="awq-gemm", type=_format,
+                   help="checkpoint layout: awq-gemm (AutoAWQ version GEMM, default) or compressed-tensors")
     p.add_argument("--work-dir", default=None,
                    help="activations and the block-result cache (default: OUT.work); reruns reuse it")
 
@@ -50,16 +58,9 @@ def cmd_quantize(a) -> None:
                  zero_point=a.zero_point, calib=a.calib, text_field=a.text_field, n_samples=a.n_samples,
                  seqlen=a.seqlen, clip=a.clip, duo_scaling=a.duo_scaling, mode=a.mode, devices=devices,
                  task_runner_name=a.task_runner, work_dir=a.work_dir, eval_text=a.eval_text,
-                 eval_seqlen=a.eval_seqlen, format=a.format)
-    print(f"wrote {a.out} ({result['bytes'] / 2**20:.1f} MiB) in {result['timings']['total']:.1f} s")
-    table = result["perplexity"]
-    if table:
-        first = next(iter(table.values()))
-        print(f"\nperplexity on {a.eval_text} ({first['windows']} windows x {first['seqlen']} tokens), "
-              f"w{a.w_bit} g{a.group_size}:")
-        print("| model | ppl |\n|---|---|")
-        for label, r in table.items():
-            print(f"| {label} | {r['ppl']:.3f} |")
+                 eval_seqlen=a.eval_seqlen, format=a.format, progress=True)
+    print(result["report"])
+    print(f"output: {os.path.abspath(a.out)}")
 
 
 def cmd_ppl(a) -> None:

@@ -128,7 +128,8 @@ def calibrate(p: Plan) -> torch.Tensor:
     return windows
 
 
-def capture(p: Plan, windows: torch.Tensor, store_path: str, device: str | None = None) -> ActivationStore:
+def capture(p: Plan, windows: torch.Tensor, store_path: str, device: str | None = None,
+            progress=None) -> ActivationStore:
     """FP pass into the Zarr store; a store made from another model or other windows is refused."""
     device = resolve_device(device)
     config = p.config
@@ -140,7 +141,7 @@ def capture(p: Plan, windows: torch.Tensor, store_path: str, device: str | None 
                          f"use another --work-dir or delete it")
     store.set_meta(**expected)
     check_disk(store_path, capture_bytes(p, windows, compute_dtype(config, device)) - store.nbytes())
-    capture_block_inputs(p.model_dir, config, windows, store, device, compute_dtype(config, device))
+    capture_block_inputs(p.model_dir, config, windows, store, device, compute_dtype(config, device), progress=progress)
     return store
 
 
@@ -234,6 +235,10 @@ def save(p: Plan, out_dir: str, cache: BlockCache) -> list[str]:
     return save_checkpoint(p.model_dir, out_dir, blocks(), p.arch.blocks, p.opts.quant, p.opts.method,
                            p.arch.not_converted, extra_meta=meta, unquantized=p.arch.unquantized,
                            fmt=p.opts.format)
+
+
+def checkpoint_bytes(model_dir: str) -> int:
+    return sum(os.path.getsize(os.path.join(model_dir, n)) for n in os.listdir(model_dir) if n.endswith(".safetensors"))
 
 
 def default_work_dir(out_dir: str) -> str:

@@ -67,8 +67,9 @@ def calibrate_task(p: pipeline.Plan):
 
 
 @task(name="capture", cache_policy=NO_CACHE)
-def capture_task(p: pipeline.Plan, windows, store_path: str, device: str):
-    store = pipeline.capture(p, windows, store_path, device)
+def capture_task(p: pipeline.Plan, windows, store_path: str, device: str, progress: bool = False):
+    with terminal_bar(progress, p.n_blocks, "capture") as bar:
+        store = pipeline.capture(p, windows, store_path, device, progress=lambda done, total: bar.update(1))
     get_run_logger().info("captured %d block inputs: %.1f MiB in %s", p.n_blocks, store.nbytes() / 2**20, store_path)
     return store_path
 
@@ -94,15 +95,29 @@ def perplexity_task(label: str, model_dir: str, text: str, seqlen: int | None, d
     return pipeline.evaluate(model_dir, text, seqlen, device)
 
 
+@contextmanager
+def terminal_bar(enabled: bool, total: int, desc: str):
+    """A tqdm bar with ETA on stderr for the CLI; a no-op bar for deployments and tests."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=f"{desc:>10}", unit="block", disable=not enabled, dynamic_ncols=True)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
 @flow(name="awq-blocks")
-def blocks_flow(p: pipeline.Plan, cache_url: str, store_path: str | None, devices: tuple[str, ...]) -> dict:
-    progress = create_progress_artifact(progress=0.0, key="awq-blocks", description=f"blocks of {p.model_dir}")
+def blocks_flow(p: pipeline.Plan, cache_url: str, store_path: str | None, devices: tuple[str, ...],
+                progress: bool = False) -> dict:
+    artifact = create_progress_artifact(progress=0.0, key="awq-blocks", description=f"blocks of {p.model_dir}")
     futures = {block_task.submit(p, i, cache_url, store_path, devices): i for i in range(p.n_blocks)}
-    stats, done = {}, 0
-    for future in as_completed(list(futures)):
-        stats[futures[future]] = future.result()
-        done += 1
-        update_progress_artifact(progress, progress=100.0 * done / p.n_blocks)
+    stats = {}
+    with terminal_bar(progress, p.n_blocks, "blocks") as bar:
+        for future in as_completed(list(futures)):
+            stats[futures[future]] = future.result()
+            bar.update(1)
+            update_progress_artifact(artifact, progress=100.0 * len(stats) / p.n_blocks)
     return dict(sorted(stats.items()))
 
 
@@ -111,8 +126,9 @@ def awq(model: str, out: str, method: str = "awq", w_bit: int = 4, group_size: i
         calib: str = "pileval", text_field: str = "text", n_samples: int = 128, seqlen: int = 512,
         clip: bool = True, duo_scaling: bool = True, mode: str = "parallel", devices: list[str] | None = None,
         task_runner_name: str = "threads", work_dir: str | None = None, eval_text: str | None = None,
-        eval_seqlen: int | None = None, format: str = "awq-gemm") -> dict:
-    """Quantize `model` into `out`; with eval_text, also report FP / RTN / AWQ perplexity."""
+        eval_seqlen: int | None = None, format: str = "awq-gemm", progress: bool = False) -> dict:
+    """Quantize `model` into `out`; with eval_text, also report FP / RTN / AWQ perplexity.
+    progress: terminal progress bars (the CLI turns them on)."""
     logger = get_run_logger()
     opts = pipeline.Options(method=method, w_bit=w_bit, group_size=group_size, zero_point=zero_point, calib=calib,
                             text_field=text_field, n_samples=n_samples, seqlen=seqlen, clip=clip,
@@ -134,11 +150,12 @@ def awq(model: str, out: str, method: str = "awq", w_bit: int = 4, group_size: i
         stats = sequential_task(p, windows, cache_url, devices[0])
     else:
         if method == "awq":
-            store_path = capture_task(p, windows, os.path.join(work, f"activations-{p.calib_fp}.zarr"), devices[0])
+            store_path = capture_task(p, windows, os.path.join(work, f"activations-{p.calib_fp}.zarr"), devices[0],
+                                      progress)
             timings["capture"] = time.perf_counter() - t
             t = time.perf_counter()
         runner = task_runner(task_runner_name, len(devices))
-        stats = blocks_flow.with_options(task_runner=runner)(p, cache_url, store_path, devices)
+        stats = blocks_flow.with_options(task_runner=runner)(p, cache_url, store_path, devices, progress)
     timings["blocks"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -167,6 +184,7 @@ def awq(model: str, out: str, method: str = "awq", w_bit: int = 4, group_size: i
     if stats:
         create_table_artifact(key="awq-scale-stats", table=scale_table(stats),
                               description="per-layer AWQ scale statistics")
-    create_markdown_artifact(key="awq-report", markdown=markdown_report(model, out, opts, size, timings, table),
-                             description="AWQ run report")
-    return {"out": out, "files": files, "bytes": size, "timings": timings, "perplexity": table, "stats": stats}
+    report = markdown_report(model, out, opts, pipeline.checkpoint_bytes(model), size, timings, table)
+    create_markdown_artifact(key="awq-report", markdown=report, description="AWQ run report")
+    return {"out": out, "files": files, "bytes": size, "timings": timings, "perplexity": table, "stats": stats,
+            "report": report}

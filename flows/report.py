@@ -7,8 +7,8 @@ def scale_table(stats: dict) -> list[dict]:
     """One row per (block, scale group), then one summary row per layer type (seed 000's table)."""
     rows = []
     by_type = defaultdict(list)
-    for block, groups in sorted(stats.items(), key=lambda kv: int(kv[0])):
-        for group, s in groups.items():
+    for block, block_stats in sorted(stats.items(), key=lambda kv: int(kv[0])):
+        for group, s in block_stats["groups"].items():
             rows.append({"block": int(block), "group": group, "alpha": s["alpha"],
                          "loss_identity": s["loss_identity"], "loss": s["loss"],
                          "scale_mean": round(s["scale_mean"], 4),
@@ -26,10 +26,13 @@ def scale_table(stats: dict) -> list[dict]:
     return rows
 
 
-def markdown_report(model: str, out: str, opts, size: int, timings: dict, table: dict) -> str:
+def markdown_report(model: str, out: str, opts, size_before: int, size_after: int, timings: dict,
+                    table: dict) -> str:
     lines = [f"# AWQ run: `{model}` -> `{out}`", "",
-             f"method **{opts.method}**, w{opts.w_bit}, group {opts.group_size}, "
-             f"zero point {opts.zero_point}, mode {opts.mode}, output {size / 2**20:.1f} MiB", ""]
+             f"method **{opts.method}**, w{opts.w_bit}, group {opts.group_size}, zero point {opts.zero_point}, "
+             f"mode {opts.mode}, format {opts.format}", "",
+             f"size {size_before / 2**20:.1f} MiB -> {size_after / 2**20:.1f} MiB "
+             f"({size_before / max(size_after, 1):.2f}x smaller)", ""]
     if table:
         first = next(iter(table.values()))
         lines += [f"## Perplexity ({first['windows']} windows x {first['seqlen']} tokens)", "",

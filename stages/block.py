@@ -1,5 +1,7 @@
 """One block, start to finish: scale search -> clip search -> quantize. Touches nothing outside it."""
 
+import copy
+
 import torch
 from torch import nn
 
@@ -48,11 +50,29 @@ def collect_linear_inputs(block: nn.Module, arch: Architecture, hidden: torch.Te
     return {k: torch.cat(v) for k, v in seen.items() if v}
 
 
+def fake_quant_output(block: nn.Module, arch: Architecture, hidden: torch.Tensor, kwargs: dict,
+                      qcfg: QuantConfig) -> torch.Tensor:
+    """The block's output with its linears (those that get quantized) replaced by Q(W)."""
+    from awqflow.stages.model import run_block
+    from awqflow.stages.quantize import fake_quantize
+
+    trial = copy.deepcopy(block)
+    for name, lin in linears_of(trial).items():
+        if name not in arch.unquantized:
+            lin.weight.data = fake_quantize(lin.weight.data, qcfg)
+    return run_block(trial, hidden, kwargs)
+
+
 @torch.no_grad()
 def search_block(block: nn.Module, arch: Architecture, hidden: torch.Tensor, kwargs: dict, qcfg: QuantConfig,
                  scfg: SearchConfig = SearchConfig(), clip: bool = True) -> dict:
     """AWQ on one FP block, in place: searches all scales on the FP block first, then fuses them, then
-    clips (on the scaled inputs), as AutoAWQ does. Returns the search statistics per group."""
+    clips (on the scaled inputs), as AutoAWQ does. Returns the search statistics per group and the
+    block's output error (MSE against the FP block) quantized plainly (RTN) and after AWQ."""
+    from awqflow.stages.model import run_block
+
+    fp_out = run_block(block, hidden, kwargs)
+    rtn_mse = float((fake_quant_output(block, arch, hidden, kwargs, qcfg) - fp_out).float().pow(2).mean())
     groups = block_groups(block, arch)
     inputs = collect_linear_inputs(block, arch, hidden, kwargs)
     found = []
@@ -71,7 +91,8 @@ def search_block(block: nn.Module, arch: Architecture, hidden: torch.Tensor, kwa
             key = sources[name][1]
             if name not in arch.no_clip and name not in arch.unquantized and key in inputs:
                 apply_clip(lin.weight, search_clip(lin.weight, inputs[key], qcfg))
-    return stats
+    awq_mse = float((fake_quant_output(block, arch, hidden, kwargs, qcfg) - fp_out).float().pow(2).mean())
+    return {"groups": stats, "output_mse_rtn": rtn_mse, "output_mse_awq": awq_mse}
 
 
 @torch.no_grad()

@@ -18,6 +18,9 @@ from awqflow.stages.architectures import Architecture, ScaleGroup
 from awqflow.stages.quantize import QuantConfig, fake_quantize
 
 
+QUANTILES = (0.0, 0.01, 0.25, 0.5, 0.75, 0.99, 1.0)
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     n_grid: int = 20
@@ -152,6 +155,8 @@ def search_scales(block: nn.Module, group: ScaleGroup, x: torch.Tensor, qcfg: Qu
         "scale_mean": float(s.mean()),
         "scale_max_over_mean": float(s.max() / s.mean()),
         "share_over_5x_mean": float((s > 5 * s.mean()).float().mean()),
+        # enough of the distribution for a box plot per layer
+        "scale_quantiles": [float(q) for q in torch.quantile(s.float(), torch.tensor(QUANTILES, device=s.device))],
     }
     return s, info
 

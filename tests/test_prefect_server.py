@@ -143,8 +143,8 @@ def free_port() -> int:
 
 def start(cmd, env, log: Path, cwd=None) -> subprocess.Popen:
     # Own session: the process and its children (uvicorn, flow-run subprocesses) form one group to stop.
-    return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    with open(log, "wb") as f:
+        return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -192,12 +192,17 @@ def test_deployments_on_a_real_server(tmp_path, tiny_model):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api,
                PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_RUNNER_POLL_FREQUENCY="1",
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1",
+               TMPDIR=str(tmp_path / "tmp"))  # a served Runner leaves an empty $TMPDIR/runner_storage/<uuid>
+    (tmp_path / "tmp").mkdir()
     prefect = str(BIN / "prefect")
     server_log, serve_log = tmp_path / "server.log", tmp_path / "serve.log"
     out = tmp_path / "quantized"
     ckpts, out_root = tmp_path / "checkpoints", tmp_path / "requantized"
     shutil.copytree(tiny_model, ckpts / "tiny")
+    calib, eval_text = tmp_path / "calib.txt", tmp_path / "eval.txt"  # small slices: plumbing, not quality
+    calib.write_text(Path(CALIB).read_text(encoding="utf-8")[:100_000], encoding="utf-8")
+    eval_text.write_text(Path(EVAL).read_text(encoding="utf-8")[:4_000], encoding="utf-8")
     procs, t_start = [], time.monotonic()
 
     def lap(what: str):  # a time line per step (pytest -s shows them)
@@ -210,7 +215,7 @@ def test_deployments_on_a_real_server(tmp_path, tiny_model):
 
         procs.append(start([sys.executable, "-m", "awqflow.flows.deploy", "--checkpoints", str(ckpts),
                             "--output-root", str(out_root), "--interval", "3600",
-                            "--param", f"calib={CALIB}", "--param", "n_samples=4", "--param", "seqlen=64",
+                            "--param", f"calib={calib}", "--param", "n_samples=4", "--param", "seqlen=64",
                             "--param", "settle_s=0"], env, serve_log, cwd=tmp_path))
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, DeploymentFilter, \
@@ -248,7 +253,7 @@ def test_deployments_on_a_real_server(tmp_path, tiny_model):
             return last_run(name)
 
         # 1. awq/quantize, as a user types it (the calibration defaults come from `--param`).
-        run = deployment_run("awq/quantize", f"model={tiny_model}", f"out={out}", f"eval_text={EVAL}",
+        run = deployment_run("awq/quantize", f"model={tiny_model}", f"out={out}", f"eval_text={eval_text}",
                              "eval_seqlen=64")
         lap("awq/quantize run finished")
         assert run.state.is_completed(), run.state
@@ -291,7 +296,7 @@ def test_deployments_on_a_real_server(tmp_path, tiny_model):
         lap("serve stopped, prefect.yaml deployed")
         out2 = tmp_path / "quantized-by-worker"
         cli("deployment", "run", "awq/quantize", "-p", f"model={tiny_model}", "-p", f"out={out2}",
-            "-p", f"calib={CALIB}", "-p", "n_samples=4", "-p", "seqlen=64")
+            "-p", f"calib={calib}", "-p", "n_samples=4", "-p", "seqlen=64")
         cli("worker", "start", "--pool", "awqflow", "--run-once", cwd=tmp_path)
         run = last_run("awq/quantize")
         assert run.state.is_completed() and run.work_pool_name == "awqflow", run.state
