@@ -27,6 +27,7 @@ from awqflow import pipeline  # noqa: E402
 from awqflow.stages.calibration import calibration_windows  # noqa: E402
 from awqflow.stages.load import load_model  # noqa: E402
 from awqflow.stages.perplexity import eval_windows, perplexity  # noqa: E402
+from awqflow.storage.fingerprint import tensor_fingerprint  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLMC_PY = os.path.join(ROOT, ".bench-envs", "llmcompressor", "bin", "python")
@@ -65,7 +66,8 @@ def main():
 
     tmp = tempfile.mkdtemp(prefix="awqflow-compare-")
     tok = AutoTokenizer.from_pretrained(a.model)
-    torch.save(calibration_windows(a.calib, tok, a.n_samples, a.seqlen), f"{tmp}/calib.pt")
+    calib = calibration_windows(a.calib, tok, a.n_samples, a.seqlen)
+    torch.save(calib, f"{tmp}/calib.pt")
     with open(a.eval, encoding="utf-8") as f:
         ev = eval_windows(tok, f.read(), a.seqlen)
     torch.save(ev, f"{tmp}/eval.pt")
@@ -95,7 +97,8 @@ def main():
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%d"), "cpu_cores": os.cpu_count(), "n_samples": a.n_samples,
-                   "seqlen": a.seqlen, "fp_ppl": fp, "rows": rows}, f, indent=2)
+                   "seqlen": a.seqlen, "calib_fingerprint": tensor_fingerprint(calib),
+                   "eval_fingerprint": tensor_fingerprint(ev), "fp_ppl": fp, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

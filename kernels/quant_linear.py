@@ -4,6 +4,7 @@ forward dispatches: CUDA fp16/bf16 activations with a working triton -> the W4A1
 (split-K for decode-sized M, tiled GEMM otherwise); anything else -> the torch reference, which
 dequantizes the whole weight. Triton is imported on first CUDA use only, so CPU-only installs
 without a working triton never touch it. AWQFLOW_DISABLE_TRITON=1 forces the reference.
+AWQFLOW_FORCE_TRITON=1 under TRITON_INTERPRET=1 sends CPU tensors through the kernels (tests only).
 """
 
 import os
@@ -32,7 +33,9 @@ def triton_kernels():
 
 
 def use_triton(x: torch.Tensor) -> bool:
-    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+    # AWQFLOW_FORCE_TRITON=1 with TRITON_INTERPRET=1 runs the kernels on CPU tensors (end-to-end tests)
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("AWQFLOW_FORCE_TRITON") == "1"
+    return ((x.is_cuda or interpreted) and x.dtype in (torch.float16, torch.bfloat16)
             and os.environ.get("AWQFLOW_DISABLE_TRITON", "0") in ("", "0")
             and triton_kernels() is not None)
 

@@ -156,7 +156,7 @@ def search_scales(block: nn.Module, group: ScaleGroup, x: torch.Tensor, qcfg: Qu
         "scale_max_over_mean": float(s.max() / s.mean()),
         "share_over_5x_mean": float((s > 5 * s.mean()).float().mean()),
         # enough of the distribution for a box plot per layer
-        "scale_quantiles": [float(q) for q in torch.quantile(s.float(), torch.tensor(QUANTILES, device=s.device))],
+        "scale_quantiles": [float(q) for q in torch.quantile(s.float(), torch.tensor(QUANTILES, dtype=torch.float32, device=s.device))],
     }
     return s, info
 
