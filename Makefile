@@ -30,5 +30,7 @@ quickstart: venv
 	$(VENV)/bin/awqflow quantize --model fixture/model --out $(OUT) \
 		--calib fixture/data/calib.txt --eval-text fixture/data/eval.txt
 
+# tests/test_ui.py drives Debian's Chromium (CI runs as root on Debian)
 test: venv
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -19,6 +19,7 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from awqflow import pipeline
+from awqflow.flows import plots
 from awqflow.flows.report import markdown_report, scale_table
 from awqflow.storage.cache import BlockCache
 
@@ -181,10 +182,24 @@ def awq(model: str, out: str, method: str = "awq", w_bit: int = 4, group_size: i
         timings["perplexity"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
-    if stats:
+    if method == "awq":  # RTN searches nothing: no scale statistics
         create_table_artifact(key="awq-scale-stats", table=scale_table(stats),
                               description="per-layer AWQ scale statistics")
-    report = markdown_report(model, out, opts, pipeline.checkpoint_bytes(model), size, timings, table)
-    create_markdown_artifact(key="awq-report", markdown=report, description="AWQ run report")
+    pictures = write_plots(stats, plots.report_dir(out))
+    report_args = (model, out, opts, pipeline.checkpoint_bytes(model), size, timings, table)
+    report = markdown_report(*report_args, pictures=pictures)
+    # The UI shows images embedded as data: URLs (it cannot read files on this machine); the returned
+    # report (printed by the CLI) points at the files instead.
+    create_markdown_artifact(key="awq-report", description="AWQ run report", markdown=markdown_report(
+        *report_args, pictures={title: plots.data_uri(path) for title, path in pictures.items()}))
     return {"out": out, "files": files, "bytes": size, "timings": timings, "perplexity": table, "stats": stats,
-            "report": report}
+            "report": report, "plots": pictures}
+
+
+def write_plots(stats: dict, folder: str) -> dict[str, str]:
+    """The report's PNGs, {title: path}; a plotting failure is logged, never fails the quantization."""
+    try:
+        return plots.write_plots(stats, folder) if stats else {}
+    except Exception as e:
+        get_run_logger().warning("plots not written: %r", e)
+        return {}

@@ -3,6 +3,11 @@
 from collections import defaultdict
 
 
+def _sig(x: float, digits: int = 4) -> float:
+    """4 significant digits: a table that fits the UI's width (0.002151, not 0.0021507504861801863)."""
+    return float(f"{x:.{digits}g}")
+
+
 def scale_table(stats: dict) -> list[dict]:
     """One row per (block, scale group), then one summary row per layer type (seed 000's table)."""
     rows = []
@@ -10,7 +15,7 @@ def scale_table(stats: dict) -> list[dict]:
     for block, block_stats in sorted(stats.items(), key=lambda kv: int(kv[0])):
         for group, s in block_stats["groups"].items():
             rows.append({"block": int(block), "group": group, "alpha": s["alpha"],
-                         "loss_identity": s["loss_identity"], "loss": s["loss"],
+                         "loss_identity": _sig(s["loss_identity"]), "loss": _sig(s["loss"]),
                          "scale_mean": round(s["scale_mean"], 4),
                          "max_over_mean": round(s["scale_max_over_mean"], 3),
                          "share_over_5x_mean": round(s["share_over_5x_mean"], 4)})
@@ -18,8 +23,8 @@ def scale_table(stats: dict) -> list[dict]:
     for group, items in by_type.items():
         n = len(items)
         rows.append({"block": "all", "group": group, "alpha": None,
-                     "loss_identity": sum(s["loss_identity"] for s in items) / n,
-                     "loss": sum(s["loss"] for s in items) / n,
+                     "loss_identity": _sig(sum(s["loss_identity"] for s in items) / n),
+                     "loss": _sig(sum(s["loss"] for s in items) / n),
                      "scale_mean": round(sum(s["scale_mean"] for s in items) / n, 4),
                      "max_over_mean": round(max(s["scale_max_over_mean"] for s in items), 3),
                      "share_over_5x_mean": round(sum(s["share_over_5x_mean"] for s in items) / n, 4)})
@@ -27,7 +32,8 @@ def scale_table(stats: dict) -> list[dict]:
 
 
 def markdown_report(model: str, out: str, opts, size_before: int, size_after: int, timings: dict,
-                    table: dict) -> str:
+                    table: dict, pictures: dict | None = None) -> str:
+    """pictures: {title: image URL or path} (flows/plots.py), shown after the perplexity table."""
     lines = [f"# AWQ run: `{model}` -> `{out}`", "",
              f"method **{opts.method}**, w{opts.w_bit}, group {opts.group_size}, zero point {opts.zero_point}, "
              f"mode {opts.mode}, format {opts.format}", "",
@@ -39,6 +45,9 @@ def markdown_report(model: str, out: str, opts, size_before: int, size_after: in
                   "| model | ppl |", "|---|---|"]
         lines += [f"| {label} | {r['ppl']:.3f} |" for label, r in table.items()]
         lines.append("")
+    if pictures:
+        lines += ["## Plots", ""]
+        lines += [f"![{title}]({src})\n" for title, src in pictures.items()]
     lines += ["## Time per stage", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
     return "\n".join(lines) + "\n"

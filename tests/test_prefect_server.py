@@ -10,20 +10,14 @@ a process work pool and `prefect worker start --run-once`.
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from conftest import CALIB, EVAL, FIXTURE, ROOT
+from prefect_server import LocalPrefect
 
 from awqflow.flows import watch
-
-BIN = Path(sys.executable).parent
 
 
 # ---------------------------------------------------------------- scan / skip logic (no Prefect)
@@ -135,130 +129,36 @@ def test_deploy_cli_builds_both_deployments():
 
 # ---------------------------------------------------------------- a real server
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(cmd, env, log: Path, cwd=None) -> subprocess.Popen:
-    # Own session: the process and its children (uvicorn, flow-run subprocesses) form one group to stop.
-    with open(log, "wb") as f:
-        return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGINT, SIGINT again, then SIGKILL: to the process group this test started."""
-    for sig, wait in ((signal.SIGINT, 15), (signal.SIGINT, 10), (signal.SIGKILL, 10)):
-        if proc.poll() is not None:
-            break
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(wait)
-        except subprocess.TimeoutExpired:
-            pass
-    try:  # children left behind in the group
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def wait_until(check, timeout: float, what: str, procs=()):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for p in procs:
-            if p.poll() is not None:
-                raise RuntimeError(f"{p.args[:3]} exited with {p.returncode} while waiting for {what}")
-        try:
-            if check():
-                return
-        except Exception:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-
-
-def tail(path: Path, n: int = 4000) -> str:
-    return path.read_text(errors="replace")[-n:] if path.exists() else ""
-
-
 @pytest.mark.skipif(not FIXTURE.exists(), reason="needs the fixture model (python fixture/build.py)")
 def test_deployments_on_a_real_server(tmp_path, tiny_model):
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api,
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_RUNNER_POLL_FREQUENCY="1",
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1",
-               TMPDIR=str(tmp_path / "tmp"))  # a served Runner leaves an empty $TMPDIR/runner_storage/<uuid>
-    (tmp_path / "tmp").mkdir()
-    prefect = str(BIN / "prefect")
-    server_log, serve_log = tmp_path / "server.log", tmp_path / "serve.log"
     out = tmp_path / "quantized"
     ckpts, out_root = tmp_path / "checkpoints", tmp_path / "requantized"
     shutil.copytree(tiny_model, ckpts / "tiny")
     calib, eval_text = tmp_path / "calib.txt", tmp_path / "eval.txt"  # small slices: plumbing, not quality
     calib.write_text(Path(CALIB).read_text(encoding="utf-8")[:100_000], encoding="utf-8")
     eval_text.write_text(Path(EVAL).read_text(encoding="utf-8")[:4_000], encoding="utf-8")
-    procs, t_start = [], time.monotonic()
+    t_start = time.monotonic()
 
     def lap(what: str):  # a time line per step (pytest -s shows them)
         print(f"{time.monotonic() - t_start:6.1f} s  {what}")
 
-    try:
-        procs.append(start([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, server_log))
-        wait_until(lambda: urllib.request.urlopen(f"{api}/health", timeout=2).status == 200, 120, "/api/health", procs)
+    with LocalPrefect(tmp_path) as lp:
+        lp.start_server()
         lap("server healthy")
-
-        procs.append(start([sys.executable, "-m", "awqflow.flows.deploy", "--checkpoints", str(ckpts),
-                            "--output-root", str(out_root), "--interval", "3600",
-                            "--param", f"calib={calib}", "--param", "n_samples=4", "--param", "seqlen=64",
-                            "--param", "settle_s=0"], env, serve_log, cwd=tmp_path))
-        from prefect.client.orchestration import get_client
-        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, DeploymentFilter, \
-            DeploymentFilterName, FlowRunFilter, FlowRunFilterDeploymentId, FlowRunFilterParentFlowRunId
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
-        def client():  # prefect read its settings at import: point this process's client at the server
-            with temporary_settings({PREFECT_API_URL: api}):
-                return get_client(sync_client=True)
-
-        def served():
-            with client() as c:
-                deps = c.read_deployments(deployment_filter=DeploymentFilter(
-                    name=DeploymentFilterName(any_=["quantize", "watch"])))
-                return len(deps) == 2
-
-        wait_until(served, 90, "the served deployments", procs)
+        lp.serve("--checkpoints", str(ckpts), "--output-root", str(out_root), "--interval", "3600",
+                 "--param", f"calib={calib}", "--param", "n_samples=4", "--param", "seqlen=64",
+                 "--param", "settle_s=0")
         lap("deployments served")
-
-        def cli(*args: str, cwd=None) -> str:
-            r = subprocess.run([prefect, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=240)
-            assert r.returncode == 0, f"prefect {args}:\n" + r.stdout[-3000:] + r.stderr[-3000:] + tail(serve_log)
-            return r.stdout
-
-        def last_run(name: str):
-            with client() as c:
-                dep = c.read_deployment_by_name(name)
-                runs = c.read_flow_runs(flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(
-                    any_=[dep.id])))
-            manual = [r for r in runs if r.state_name != "Scheduled"]  # the interval schedule adds future runs
-            return max(manual, key=lambda r: r.created)
-
-        def deployment_run(name: str, *params: str):
-            cli("deployment", "run", name, "--watch", *[a for p in params for a in ("-p", p)])
-            return last_run(name)
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, \
+            FlowRunFilterParentFlowRunId
 
         # 1. awq/quantize, as a user types it (the calibration defaults come from `--param`).
-        run = deployment_run("awq/quantize", f"model={tiny_model}", f"out={out}", f"eval_text={eval_text}",
-                             "eval_seqlen=64")
+        run = lp.deployment_run("awq/quantize", f"model={tiny_model}", f"out={out}", f"eval_text={eval_text}",
+                                "eval_seqlen=64")
         lap("awq/quantize run finished")
         assert run.state.is_completed(), run.state
         assert run.parameters["n_samples"] == 4 and run.parameters["model"] == str(tiny_model)
-        with client() as c:
+        with lp.client() as c:
             children = c.read_flow_runs(flow_run_filter=FlowRunFilter(
                 parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
             assert [ch.name for ch in children] and all(ch.state.is_completed() for ch in children)
@@ -273,38 +173,32 @@ def test_deployments_on_a_real_server(tmp_path, tiny_model):
         assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "awq"
 
         # 2. requantize/watch: the first run quantizes the checkpoint, the second skips it.
-        first = deployment_run("requantize/watch")
+        first = lp.deployment_run("requantize/watch")
         assert first.state.is_completed(), first.state
         ledger = json.loads((out_root / watch.LEDGER).read_text())
         (fp, done), = ledger["done"]["tiny"].items()
         assert done == str(out_root / f"tiny-{fp[:12]}") and (Path(done) / "config.json").exists()
         lap("requantize/watch run 1 finished")
-        second = deployment_run("requantize/watch")
+        second = lp.deployment_run("requantize/watch")
         lap("requantize/watch run 2 finished")
         assert second.state.is_completed(), second.state
-        assert "tiny: unchanged" in tail(serve_log, 20000)
-        with client() as c:
+        assert "tiny: unchanged" in lp.serve_log.read_text(errors="replace")[-20000:]
+        with lp.client() as c:
             subflows = c.read_flow_runs(flow_run_filter=FlowRunFilter(
                 parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[first.id, second.id])))
         assert [s.name for s in subflows] == [f"awq-tiny-{fp[:12]}"]  # only the first run quantized
 
         # 3. The worker route: prefect.yaml + a process work pool + a worker. Stop the serve process first:
         # it would go on executing runs of the deployments that `prefect deploy` takes over (same names).
-        stop(procs.pop())
-        cli("work-pool", "create", "awqflow", "--type", "process")
-        cli("--no-prompt", "deploy", "--all", cwd=ROOT)
+        lp.stop_serve()
+        lp.cli("work-pool", "create", "awqflow", "--type", "process")
+        lp.cli("--no-prompt", "deploy", "--all", cwd=ROOT)
         lap("serve stopped, prefect.yaml deployed")
         out2 = tmp_path / "quantized-by-worker"
-        cli("deployment", "run", "awq/quantize", "-p", f"model={tiny_model}", "-p", f"out={out2}",
-            "-p", f"calib={calib}", "-p", "n_samples=4", "-p", "seqlen=64")
-        cli("worker", "start", "--pool", "awqflow", "--run-once", cwd=tmp_path)
-        run = last_run("awq/quantize")
+        lp.cli("deployment", "run", "awq/quantize", "-p", f"model={tiny_model}", "-p", f"out={out2}",
+               "-p", f"calib={calib}", "-p", "n_samples=4", "-p", "seqlen=64")
+        lp.cli("worker", "start", "--pool", "awqflow", "--run-once", cwd=tmp_path)
+        run = lp.last_run("awq/quantize")
         assert run.state.is_completed() and run.work_pool_name == "awqflow", run.state
         assert (out2 / "config.json").exists()
         lap("worker run finished")
-    except BaseException:
-        print("---- server log\n" + tail(server_log) + "\n---- serve log\n" + tail(serve_log, 8000))
-        raise
-    finally:
-        for p in reversed(procs):
-            stop(p)
