@@ -69,10 +69,6 @@ def skeleton(config, dtype: torch.dtype | None = None) -> nn.Module:
     return model.eval()  # from_config leaves training mode on: dropout (OPT, GPT-NeoX) would be active
 
 
-def get_module(root: nn.Module, path: str) -> nn.Module:
-    return root.get_submodule(path)
-
-
 def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, module)

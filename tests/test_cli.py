@@ -71,6 +71,8 @@ def test_quantize_then_ppl_json(tmp_path, capsys, tiny_model):
     out = tmp_path / "q"
     main(quantize_args(tiny_model, out))
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
-    main(["ppl", "--model", str(out), "--text", str(CALIB), "--seqlen", "128", "--json"])
+    text = tmp_path / "eval.txt"
+    text.write_text(CALIB.read_text(encoding="utf-8")[:30000], encoding="utf-8")
+    main(["ppl", "--model", str(out), "--text", str(text), "--seqlen", "128", "--json"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["tokens"] > 1000 and torch.isfinite(torch.tensor(result["ppl"]))
