@@ -241,6 +241,10 @@ def checkpoint_bytes(model_dir: str) -> int:
     return sum(os.path.getsize(os.path.join(model_dir, n)) for n in os.listdir(model_dir) if n.endswith(".safetensors"))
 
 
+def folder_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
+
+
 def default_work_dir(out_dir: str) -> str:
     return out_dir.rstrip("/") + ".work"
 

@@ -187,11 +187,12 @@ def awq(model: str, out: str, method: str = "awq", w_bit: int = 4, group_size: i
                               description="per-layer AWQ scale statistics")
     pictures = write_plots(stats, plots.report_dir(out))
     report_args = (model, out, opts, pipeline.checkpoint_bytes(model), size, timings, table)
-    report = markdown_report(*report_args, pictures=pictures)
+    work_used = (work, pipeline.folder_bytes(work))
+    report = markdown_report(*report_args, pictures=pictures, work=work_used)
     # The UI shows images embedded as data: URLs (it cannot read files on this machine); the returned
     # report (printed by the CLI) points at the files instead.
     create_markdown_artifact(key="awq-report", description="AWQ run report", markdown=markdown_report(
-        *report_args, pictures={title: plots.data_uri(path) for title, path in pictures.items()}))
+        *report_args, pictures={title: plots.data_uri(path) for title, path in pictures.items()}, work=work_used))
     return {"out": out, "files": files, "bytes": size, "timings": timings, "perplexity": table, "stats": stats,
             "report": report, "plots": pictures}
 

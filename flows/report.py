@@ -32,13 +32,16 @@ def scale_table(stats: dict) -> list[dict]:
 
 
 def markdown_report(model: str, out: str, opts, size_before: int, size_after: int, timings: dict,
-                    table: dict, pictures: dict | None = None) -> str:
-    """pictures: {title: image URL or path} (flows/plots.py), shown after the perplexity table."""
+                    table: dict, pictures: dict | None = None, work: tuple[str, int] | None = None) -> str:
+    """pictures: {title: image URL or path} (flows/plots.py), shown after the perplexity table;
+    work: (work dir, bytes it holds: activation store + block cache)."""
     lines = [f"# AWQ run: `{model}` -> `{out}`", "",
              f"method **{opts.method}**, w{opts.w_bit}, group {opts.group_size}, zero point {opts.zero_point}, "
              f"mode {opts.mode}, format {opts.format}", "",
              f"size {size_before / 2**20:.1f} MiB -> {size_after / 2**20:.1f} MiB "
              f"({size_before / max(size_after, 1):.2f}x smaller)", ""]
+    if work:
+        lines += [f"work dir `{work[0]}` (activations + block cache, reused by reruns): {work[1] / 2**20:.1f} MiB", ""]
     if table:
         first = next(iter(table.values()))
         lines += [f"## Perplexity ({first['windows']} windows x {first['seqlen']} tokens)", "",
