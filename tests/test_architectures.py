@@ -117,7 +117,7 @@ def test_quantize_save_load_and_perplexity(model_type, checkpoints):
 
     cache = BlockCache(str(checkpoints / f"{model_type}.cache"))
     stats = [cached_block(p, i, cache, store.path, "cpu") for i in range(p.n_blocks)]
-    assert all(len(s) == CONFIGS[model_type][2] for s in stats)
+    assert all(len(s["groups"]) == CONFIGS[model_type][2] for s in stats)
     out = checkpoints / f"{model_type}-awq"
     save(p, str(out), cache)
 
