@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from awqflow.kernels.quant_linear import QuantLinear
 from awqflow.stages import export_ct
 from awqflow.stages.architectures import architecture_for
-from awqflow.stages.model import CheckpointReader, init_buffers, rebuild_rotary, set_module, skeleton
+from awqflow.stages.model import BUILD_LOCK, CheckpointReader, init_buffers, rebuild_rotary, set_module, skeleton
 
 
 def read_config(model_dir: str) -> dict:
@@ -29,7 +29,9 @@ def load_model(model_dir: str, device="cpu", dtype: torch.dtype | None = None) -
     quant = raw.get("quantization_config")
     if quant is None:
         kwargs = {"dtype": dtype or (torch.float32 if str(device) == "cpu" else "auto")}
-        return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).to(device).eval()
+        with BUILD_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        return model.to(device).eval()
     method, dtype = quant.get("quant_method"), dtype or (torch.float32 if str(device) == "cpu" else torch.float16)
     if method == "awq" and quant.get("version", "gemm").lower() == "gemm" and quant.get("bits") == 4:
         return load_packed(model_dir, device, dtype, quant["group_size"])

@@ -2,6 +2,7 @@
 
 import json
 import os
+import threading
 from contextlib import ExitStack
 
 import torch
@@ -10,6 +11,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from awqflow.stages.architectures import Architecture, architecture_for
+
+# transformers sets torch's process-wide default dtype while it builds a model and restores it
+# afterwards: two threads (block tasks) building at once can leave the wrong default behind.
+BUILD_LOCK = threading.Lock()
 from awqflow.stages.moe import unfuse_experts
 
 
@@ -62,7 +67,7 @@ def skeleton(config, dtype: torch.dtype | None = None) -> nn.Module:
     """The model with every weight on the meta device: structure only, no memory. MoE experts come
     one linear per expert, as checkpoints store them."""
     arch = architecture_for(config.model_type)
-    with torch.device("meta"):
+    with BUILD_LOCK, torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or config.dtype)  # sdpa where supported
     if arch.fused_experts:
         unfuse_experts(blocks_of(model, arch), arch.fused_experts)

@@ -47,3 +47,11 @@ def tiny_llama_config(**overrides):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("tiny") / "model", tiny_llama_config())
+
+
+@pytest.fixture(autouse=True)
+def default_dtype_is_left_alone():
+    """torch's default dtype is process-wide: a stage that leaks a change (e.g. two threads building
+    models at once) silently changes later computations."""
+    yield
+    assert torch.get_default_dtype() == torch.float32, f"default dtype leaked: {torch.get_default_dtype()}"
