@@ -204,20 +204,20 @@ def sequential_blocks(p: Plan, windows: torch.Tensor, cache: BlockCache, device:
         else:
             tensors, stats[i] = hit
             block.load_state_dict({k: v for k, v in tensors.items() if k in block.state_dict()}, strict=False)
-        load_fake_quant(block, tensors, p.opts.quant)
+        load_fake_quant(block, tensors)
         hidden = run_block(block, hidden, kwargs[i])
     return stats
 
 
-def load_fake_quant(block, tensors: dict, qcfg: QuantConfig) -> None:
+def load_fake_quant(block, tensors: dict) -> None:
     """Put a block's quantized weights back into it as dense weights (to run it as quantized)."""
     from awqflow.stages.pack import dequantize_gemm
 
     with torch.no_grad():
         for name, lin in linears_of(block).items():
-            if qcfg.w_bit == 4:
+            if f"{name}.qweight" in tensors:
                 w = dequantize_gemm(tensors[f"{name}.qweight"], tensors[f"{name}.qzeros"], tensors[f"{name}.scales"]).t()
-            else:
+            else:  # 3-bit fake-quant weights, or a linear kept in full precision (MoE router)
                 w = tensors[f"{name}.weight"]
             lin.weight.copy_(w.to(lin.weight.dtype))
 
