@@ -1,6 +1,7 @@
 """Assemble the output checkpoint (SPEC §6): safetensors shards + index, config.json with its
 quantization_config, tokenizer and generation files copied unchanged. Streams block by block."""
 
+import glob
 import json
 import os
 import shutil
@@ -67,6 +68,25 @@ class _ShardWriter:
         return final
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_folders(out_dir: str) -> None:
+    """Remove the .tmp-<pid> / .old-<pid> folders that a save killed mid-way left next to out_dir."""
+    base = out_dir.rstrip("/")
+    for path in glob.glob(glob.escape(base) + ".tmp-*") + glob.glob(glob.escape(base) + ".old-*"):
+        pid = path.rpartition("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def save_checkpoint(model_dir: str, out_dir: str, block_tensors, blocks_prefix: str, qcfg: QuantConfig,
                     method: str, not_converted=("lm_head",), extra_meta: dict | None = None,
                     max_shard_bytes: int = 4 << 30, unquantized=(), fmt: str = "awq-gemm") -> list[str]:
@@ -85,6 +105,7 @@ def save_checkpoint(model_dir: str, out_dir: str, block_tensors, blocks_prefix: 
     packed = qcfg.w_bit == 4
     src_dtype = getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float16")
     dtype = torch.float16 if packed else src_dtype  # the GEMM format is fp16 throughout
+    remove_stale_folders(out_dir)
     tmp = out_dir.rstrip("/") + f".tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

@@ -114,3 +114,16 @@ def test_sequential_mode_runs_and_differs_from_parallel(tiny_model, reference, t
     # block 0 sees the same input in both modes; later blocks see quantized outputs
     assert all(a[k].equal(b[k]) for k in a if k.startswith("model.layers.0."))
     assert not all(a[k].equal(b[k]) for k in a if k.startswith("model.layers.1."))
+
+
+def test_a_save_killed_midway_leaves_nothing_that_a_rerun_trips_on(tiny_model, reference, tmp_path):
+    out, work = tmp_path / "awq", tmp_path / "work"
+    awq(model=str(tiny_model), out=str(out), work_dir=str(work), **SMALL)
+    # what kill -9 inside save leaves: a half-written temporary folder, the old output moved aside
+    dead = 2**22 + 12345  # above Linux's default pid_max: no such process
+    (tmp_path / f"awq.tmp-{dead}").mkdir()
+    (tmp_path / f"awq.tmp-{dead}" / "model.safetensors").write_bytes(b"half")
+    out.rename(tmp_path / f"awq.old-{dead}")
+    awq(model=str(tiny_model), out=str(out), work_dir=str(work), **SMALL)
+    assert_same_checkpoint(out, reference)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["awq", "awq.report", "work"]
