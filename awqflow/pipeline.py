@@ -5,6 +5,7 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
+from functools import cached_property, lru_cache
 
 import torch
 from transformers import AutoTokenizer
@@ -69,7 +70,7 @@ class Plan:
     code_fp: str
     calib_fp: str | None = None  # set once calibration windows exist
 
-    @property
+    @cached_property
     def config(self):
         return load_config(self.model_dir)
 
@@ -97,11 +98,10 @@ def compute_dtype(config, device: str) -> torch.dtype:
     return config.dtype if config.dtype in (torch.float16, torch.bfloat16) else torch.float16
 
 
-def check_quantizable(config, qcfg: QuantConfig) -> None:
+def check_quantizable(model, arch: Architecture, qcfg: QuantConfig) -> None:
     """Every block linear must split into whole groups (and whole 8-column words when packed)."""
-    arch = architecture_for(config.model_type)
     bad = []
-    for i, block in enumerate(blocks_of(skeleton(config), arch)):
+    for i, block in enumerate(blocks_of(model, arch)):
         for name, lin in linears_of(block).items():
             try:
                 qcfg.group_len(lin.in_features)
@@ -115,9 +115,21 @@ def check_quantizable(config, qcfg: QuantConfig) -> None:
 
 def plan(model_dir: str, opts: Options) -> Plan:
     config = load_config(model_dir)
-    check_quantizable(config, opts.quant)
-    n_blocks = len(blocks_of(skeleton(config), architecture_for(config.model_type)))
-    return Plan(model_dir, opts, n_blocks, model_fingerprint(model_dir), code_fingerprint())
+    model, arch = skeleton(config), architecture_for(config.model_type)
+    check_quantizable(model, arch, opts.quant)
+    return Plan(model_dir, opts, len(blocks_of(model, arch)), model_fingerprint(model_dir), code_fingerprint())
+
+
+# Every block task of a run needs the same skeleton and block kwargs: build them once per process
+# (and per model version, so a new checkpoint in the same folder is never served stale ones).
+@lru_cache(maxsize=4)
+def shared_skeleton(model_dir: str, model_fp: str):
+    return skeleton(load_config(model_dir))
+
+
+@lru_cache(maxsize=8)
+def shared_block_kwargs(model_dir: str, model_fp: str, seqlen: int, device: str, dtype: torch.dtype) -> list[dict]:
+    return block_kwargs(load_config(model_dir), seqlen, device, dtype)
 
 
 def calibrate(p: Plan) -> torch.Tensor:
@@ -165,11 +177,11 @@ def quantize_block(p: Plan, index: int, store_path: str | None, device: str | No
     device = resolve_device(device)
     config, arch = p.config, p.arch
     dtype = compute_dtype(config, device)
-    block = load_block(skeleton(config), arch, index, CheckpointReader(p.model_dir), device, dtype)
+    block = load_block(shared_skeleton(p.model_dir, p.model_fp), arch, index, CheckpointReader(p.model_dir), device, dtype)
     stats = {}
     if p.opts.method == "awq":
         hidden = ActivationStore(store_path, mode="r").read(index, device)
-        kwargs = block_kwargs(config, hidden.shape[1], device, dtype)[index]
+        kwargs = shared_block_kwargs(p.model_dir, p.model_fp, hidden.shape[1], device, dtype)[index]
         stats = search_block(block, arch, hidden, kwargs, p.opts.quant, p.opts.search, p.opts.clip)
     return {k: v.cpu() for k, v in quantized_tensors(block, p.opts.quant, arch.unquantized).items()}, stats
 

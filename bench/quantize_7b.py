@@ -64,10 +64,14 @@ def main():
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     opts = pipeline.Options(calib=os.path.join(model_dir, "calib.txt"), n_samples=a.n_samples, seqlen=a.seqlen)
-    result = pipeline.quantize_model(model_dir, os.path.join(a.work, "awq"), opts, device=device)
+    t0 = time.perf_counter()
+    # timestamps on every line: a run cut short by a time limit still shows how far it got, how fast
+    result = pipeline.quantize_model(model_dir, os.path.join(a.work, "awq"), opts, device=device,
+                                     log=lambda m: print(f"[{time.perf_counter() - t0:6.1f} s] {m}", flush=True))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    block_bytes = 12 * config.hidden_size * config.hidden_size * 2 + 3 * config.hidden_size * config.intermediate_size * 2
-    acts = a.n_samples * a.seqlen * config.hidden_size * 2
+    h, kv = config.hidden_size, config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
+    block_bytes = (2 * h * h + 2 * h * kv + 3 * h * config.intermediate_size) * 2  # q, o + k, v + MLP, fp16
+    acts = a.n_samples * a.seqlen * h * 2
     print(f"\n{config.num_hidden_layers} layers, hidden {config.hidden_size}, {a.n_samples} x {a.seqlen} calibration tokens")
     print("| stage | seconds |\n|---|---|")
     for k, v in result["timings"].items():

@@ -3,6 +3,8 @@
 One chunk per sample and no sharding, so concurrent writers never share a chunk (Zarr loses data
 when threads write inner chunks of one shard). bfloat16 has no Zarr dtype: it is stored as its
 uint16 bit pattern with the real dtype in the array's attributes (bit-exact round trip).
+No compression: activations barely compress (zstd ratio ~1.09) and raw chunks write 2.2x and read
+2.6x faster, which at 7B scale (16 GiB of block inputs) is most of the capture stage.
 """
 
 import numpy as np
@@ -36,7 +38,7 @@ class ActivationStore:
         data = (data.view(view) if view is not None else data).numpy()
         arr = self.root.create_array(
             f"blocks/{index}/hidden", shape=data.shape, dtype=zdtype,
-            chunks=(1, *data.shape[1:]), overwrite=True,
+            chunks=(1, *data.shape[1:]), compressors=None, overwrite=True,
         )
         arr[...] = data
         arr.attrs.update({"dtype": str(hidden.dtype).removeprefix("torch."), "complete": True})

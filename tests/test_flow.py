@@ -51,6 +51,13 @@ def test_dask_local_cluster_matches_the_thread_runner(tiny_model, reference, tmp
     assert_same_checkpoint(out, reference)
 
 
+def test_ray_local_cluster_matches_the_thread_runner(tiny_model, reference, tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a local Ray instance, started and stopped by the runner
+    out = tmp_path / "awq"
+    awq(model=str(tiny_model), out=str(out), devices=["cpu", "cpu"], task_runner_name="ray", **SMALL)
+    assert_same_checkpoint(out, reference)
+
+
 def test_rerun_recomputes_nothing_and_corrupt_entries_are_recomputed(tiny_model, reference, tmp_path, monkeypatch):
     out, work = tmp_path / "awq", tmp_path / "work"
     awq(model=str(tiny_model), out=str(out), work_dir=str(work), **SMALL)

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU half of issue #5 in as few device calls as possible: run on a CUDA machine, from the repo root.
+#
+#   bash bench/gpu_session.sh tests     # CUDA kernel tests + Triton-vs-reference perplexity (~3 min)
+#   bash bench/gpu_session.sh kernel    # bench/kernel.py, plain and with CUDA graphs
+#   bash bench/gpu_session.sh 7b        # bench/quantize_7b.py: 7B-shaped model, 128 x 512 tokens
+#   bash bench/gpu_session.sh all
+#
+# Logs go to $OUT (the device tool's result folder) or ./gpu-results. The lent GPU machines have torch,
+# triton and transformers but not zarr, and cannot download: bench/gpu_wheels.sh fetches the missing
+# wheels into .whl/ here, to be carried along (carry: [".whl"]).
+set -euo pipefail
+OUT=${OUT:-gpu-results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+unset TRITON_INTERPRET
+PY=${PYTHON:-python3}
+
+site=/tmp/awqflow-site
+if [ ! -d "$site/awqflow" ]; then
+    if ! $PY -c "import zarr" 2>/dev/null; then
+        ls .whl/*.whl >/dev/null 2>&1 || { echo "zarr is missing and no .whl/ was carried: run bench/gpu_wheels.sh first"; exit 1; }
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl
+    fi
+    # a plain (non-editable) install: the package-dir mapping of stages/, kernels/ ... into awqflow.*
+    $PY -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$site" .
+fi
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
+  $PY -c "import torch, triton, transformers; print('torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__)"
+  date -u +%Y-%m-%dT%H:%MZ; } | tee "$OUT/versions.txt"
+
+step=${1:-all}
+if [[ $step == tests || $step == all ]]; then
+    $PY -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py tests/test_kernel_end_to_end.py 2>&1 | tee "$OUT/tests.log"
+fi
+if [[ $step == kernel || $step == all ]]; then
+    $PY bench/kernel.py 2>&1 | tee "$OUT/kernel.log"
+    $PY bench/kernel.py --cuda-graph --models 7b,70b --ms 1,4,16 2>&1 | tee "$OUT/kernel_graph.log"
+fi
+if [[ $step == 7b || $step == all ]]; then
+    $PY bench/quantize_7b.py --work /tmp/awqflow-7b 2>&1 | tee "$OUT/quantize_7b.log"
+fi
