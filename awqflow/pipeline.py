@@ -103,6 +103,8 @@ def check_quantizable(model, arch: Architecture, qcfg: QuantConfig) -> None:
     bad = []
     for i, block in enumerate(blocks_of(model, arch)):
         for name, lin in linears_of(block).items():
+            if name in arch.unquantized:
+                continue
             try:
                 qcfg.group_len(lin.in_features)
                 if qcfg.w_bit == 4 and lin.out_features % 8:

@@ -146,6 +146,23 @@ QWEN3_MOE = Architecture(
     parallel=_LLAMA_TP,
 )
 
+# Qwen2-MoE: as Qwen3-MoE plus a shared expert beside the routed ones. Its gate/up read the same input
+# and join the one group; its sigmoid gate (a 1-output linear) is scaled along and kept unquantized.
+QWEN2_MOE = Architecture(
+    name="qwen2_moe",
+    blocks="model.layers",
+    groups=LLAMA.groups + (
+        ScaleGroup("post_attention_layernorm", ("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj",
+                                                "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"), "mlp",
+                   also_scaled=("mlp.gate", "mlp.shared_expert_gate"), routes_tokens=True),
+        ScaleGroup("mlp.experts.*.up_proj", ("mlp.experts.*.down_proj",), "mlp.experts.*.down_proj"),
+        ScaleGroup("mlp.shared_expert.up_proj", ("mlp.shared_expert.down_proj",), "mlp.shared_expert.down_proj"),
+    ),
+    unquantized=("mlp.gate", "mlp.shared_expert_gate"),
+    fused_experts="mlp.experts",
+    parallel=_LLAMA_TP,
+)
+
 # model_type (config.json) -> architecture. Mistral, Qwen2 (q/k/v bias) and Qwen3 (q_norm / k_norm act
 # after q_proj / k_proj, so scaling their input columns leaves them alone) share Llama's block.
 ARCHITECTURES = {
@@ -159,6 +176,7 @@ ARCHITECTURES = {
     "opt": OPT,
     "gpt_neox": GPT_NEOX,
     "qwen3_moe": QWEN3_MOE,
+    "qwen2_moe": QWEN2_MOE,
 }
 
 

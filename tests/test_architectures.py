@@ -37,6 +37,9 @@ CONFIGS = {
     # 4 experts: the all-experts gate/up group + one up -> down group per expert, v -> o, q/k/v
     "qwen3_moe": ("Qwen3MoeConfig", dict(ROPE, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
                                          norm_topk_prob=True), 2 + 1 + 4),
+    # the same plus the shared expert's up -> down group
+    "qwen2_moe": ("Qwen2MoeConfig", dict(moe_intermediate_size=64, shared_expert_intermediate_size=96, num_experts=4,
+                                         num_experts_per_tok=2), 2 + 1 + 4 + 1),
 }
 
 
