@@ -242,12 +242,13 @@ def save(p: Plan, out_dir: str, cache: BlockCache) -> list[str]:
             hit = cache.get(p.block_key(i))
             if hit is None:
                 raise KeyError(f"block {i} result is missing from the cache at {cache.url}: re-run to recompute it")
-            yield i, hit[0]
+            yield i, {p.arch.checkpoint_name(k): v for k, v in hit[0].items()}  # cached under module names
 
     meta = asdict(p.opts)
     meta.update(model_fingerprint=p.model_fp, calibration_fingerprint=p.calib_fp)
     return save_checkpoint(p.model_dir, out_dir, blocks(), p.arch.blocks, p.opts.quant, p.opts.method,
-                           p.arch.not_converted, extra_meta=meta, unquantized=p.arch.unquantized,
+                           p.arch.not_converted, extra_meta=meta,
+                           unquantized=tuple(p.arch.checkpoint_name(m) for m in p.arch.unquantized),
                            fmt=p.opts.format)
 
 

@@ -9,7 +9,7 @@ A group whose modules a block lacks is skipped there (dense layers of a MoE mode
 Adding an architecture is one entry in ARCHITECTURES plus a test (tests/test_architectures.py).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,24 @@ class Architecture:
     renames: tuple[tuple[str, str], ...] = ()
     # which way tensor parallelism splits each linear (vLLM): "column" splits out_features, "row" in_features
     parallel: tuple[tuple[str, str], ...] = ()
+    # (transformers' module name, checkpoint name) of parts inside a block that checkpoints name
+    # differently (Mixtral's experts.N.w1 is transformers' experts.N.gate_proj); whole dotted components
+    checkpoint_names: tuple[tuple[str, str], ...] = ()
+
+    def checkpoint_name(self, name: str) -> str:
+        """A module or tensor name inside a block, as checkpoints (and AWQ loaders) spell it."""
+        return _rename(name, self.checkpoint_names)
+
+    def module_name(self, name: str) -> str:
+        """The inverse of checkpoint_name."""
+        return _rename(name, tuple((ckpt, module) for module, ckpt in self.checkpoint_names))
+
+
+def _rename(name: str, pairs: tuple[tuple[str, str], ...]) -> str:
+    dotted = f".{name}."
+    for old, new in pairs:
+        dotted = dotted.replace(f".{old}.", f".{new}.")
+    return dotted[1:-1]
 
 
 def _attention(norm: str, qkv: tuple[str, ...], offset: float = 0.0) -> ScaleGroup:
@@ -163,6 +181,15 @@ QWEN2_MOE = Architecture(
     parallel=_LLAMA_TP,
 )
 
+# Mixtral: Qwen3-MoE's groups, but its checkpoints keep the original names (block_sparse_moe,
+# w1 = gate, w3 = up, w2 = down) that vLLM and AutoAWQ expect in the quantized checkpoint too.
+MIXTRAL = replace(
+    QWEN3_MOE, name="mixtral",
+    checkpoint_names=(("mlp.experts", "block_sparse_moe.experts"), ("mlp.gate", "block_sparse_moe.gate"),
+                      ("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")),
+    parallel=_LLAMA_TP + (("w1", "column"), ("w3", "column"), ("w2", "row")),
+)
+
 # model_type (config.json) -> architecture. Mistral, Qwen2 (q/k/v bias) and Qwen3 (q_norm / k_norm act
 # after q_proj / k_proj, so scaling their input columns leaves them alone) share Llama's block.
 ARCHITECTURES = {
@@ -177,6 +204,7 @@ ARCHITECTURES = {
     "gpt_neox": GPT_NEOX,
     "qwen3_moe": QWEN3_MOE,
     "qwen2_moe": QWEN2_MOE,
+    "mixtral": MIXTRAL,
 }
 
 

@@ -50,8 +50,10 @@ def load_packed(model_dir: str, device, dtype: torch.dtype, group: int, to_gemm=
     state = reader.load(reader.names(), device)
     if to_gemm is not None:
         state = to_gemm(state)
-    for old, new in architecture_for(config.model_type).renames:
+    arch = architecture_for(config.model_type)
+    for old, new in arch.renames:
         state = {new + k[len(old):] if k.startswith(old) else k: v for k, v in state.items()}
+    state = {arch.module_name(k): v for k, v in state.items()}
     model = skeleton(config, dtype)
     for name in state:
         if name.endswith(".qweight"):

@@ -83,19 +83,21 @@ def blocks_of(model: nn.Module, arch: Architecture) -> nn.ModuleList:
     return model.get_submodule(arch.blocks)
 
 
-def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, device, dtype, init=None) -> nn.Module:
-    """Give a meta-device submodule its real weights from the checkpoint (prefix = its name there).
-    init (the model's _init_weights) sets the non-persistent buffers no checkpoint holds (Gemma's
-    embedding scale) before the weights are loaded."""
+def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, device, dtype, init=None,
+                rename=None) -> nn.Module:
+    """Give a meta-device submodule its real weights from the checkpoint (prefix = its name there;
+    rename maps the submodule's own tensor names to the checkpoint's). init (the model's
+    _init_weights) sets the non-persistent buffers no checkpoint holds (Gemma's embedding scale)
+    before the weights are loaded."""
     module.to_empty(device=device).to(dtype)
     if init is not None:
         init_buffers(module, init)
-    names = [prefix + k for k in module.state_dict()]
-    missing = [n for n in names if n not in reader.file_of]
+    names = {k: prefix + (rename(k) if rename else k) for k in module.state_dict()}
+    missing = [n for n in names.values() if n not in reader.file_of]
     if missing:
         raise KeyError(f"checkpoint {reader.model_dir} lacks {missing[:3]}: does it match its config.json?")
-    tensors = reader.load(names, device)
-    module.load_state_dict({k[len(prefix):]: v.to(dtype) for k, v in tensors.items()})
+    tensors = reader.load(names.values(), device)
+    module.load_state_dict({k: tensors[n].to(dtype) for k, n in names.items()})
     return module
 
 
@@ -112,7 +114,7 @@ def load_block(model: nn.Module, arch: Architecture, index: int, reader: Checkpo
     import copy
 
     block = copy.deepcopy(blocks_of(model, arch)[index])
-    return materialize(block, f"{arch.blocks}.{index}.", reader, device, dtype)
+    return materialize(block, f"{arch.blocks}.{index}.", reader, device, dtype, rename=arch.checkpoint_name)
 
 
 class _StopForward(Exception):

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from awqflow.pipeline import Options, cached_block, capture, plan, save
 from awqflow.stages.architectures import ARCHITECTURES, architecture_for
 from awqflow.stages.load import load_model
-from awqflow.stages.model import blocks_of
+from awqflow.stages.model import CheckpointReader, blocks_of
 from awqflow.stages.moe import unfuse_experts
 from awqflow.stages.perplexity import perplexity
 from awqflow.stages.scales import apply_scales, block_groups
@@ -40,6 +40,8 @@ CONFIGS = {
     # the same plus the shared expert's up -> down group
     "qwen2_moe": ("Qwen2MoeConfig", dict(moe_intermediate_size=64, shared_expert_intermediate_size=96, num_experts=4,
                                          num_experts_per_tok=2), 2 + 1 + 4 + 1),
+    # qwen3_moe's groups; checkpoints name the experts block_sparse_moe.experts.N.w1/w2/w3
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2), 2 + 1 + 4),
 }
 
 
@@ -126,8 +128,12 @@ def test_quantize_save_load_and_perplexity(model_type, checkpoints):
 
     quant = json.loads((out / "config.json").read_text())["quantization_config"]
     arch = architecture_for(model_type)
-    assert quant["modules_to_not_convert"] == list(arch.not_converted) + [
-        f"{arch.blocks}.{i}.{m}" for i in range(p.n_blocks) for m in arch.unquantized]  # MoE routers by full name
+    kept = [f"{arch.blocks}.{i}.{arch.checkpoint_name(m)}" for i in range(p.n_blocks) for m in arch.unquantized]
+    assert quant["modules_to_not_convert"] == list(arch.not_converted) + kept  # MoE routers by full name
+    # every quantized linear and every kept one has its name from the source checkpoint (what loaders expect)
+    source_names = set(CheckpointReader(str(src)).names())
+    packed = {n.removesuffix(".qweight") for n in CheckpointReader(str(out)).names() if n.endswith(".qweight")}
+    assert packed and all(f"{m}.weight" in source_names for m in packed | set(kept))
 
     model = load_model(str(out))
     with torch.no_grad():
