@@ -44,16 +44,15 @@ class Architecture:
     unquantized: tuple[str, ...] = ()
     # transformers keeps these experts as 3D tensors; checkpoints (and AWQ) have one linear per expert
     fused_experts: str | None = None
-    # checkpoint name prefix -> transformers' name, for tensors outside the blocks that transformers renames
-    renames: tuple[tuple[str, str], ...] = ()
     # which way tensor parallelism splits each linear (vLLM): "column" splits out_features, "row" in_features
     parallel: tuple[tuple[str, str], ...] = ()
-    # (transformers' module name, checkpoint name) of parts inside a block that checkpoints name
-    # differently (Mixtral's experts.N.w1 is transformers' experts.N.gate_proj); whole dotted components
+    # (transformers' module name, checkpoint name) of parts that checkpoints name differently
+    # (Mixtral's experts.N.w1 is transformers' experts.N.gate_proj, GPT-NeoX's embed_out its lm_head);
+    # whole dotted components
     checkpoint_names: tuple[tuple[str, str], ...] = ()
 
     def checkpoint_name(self, name: str) -> str:
-        """A module or tensor name inside a block, as checkpoints (and AWQ loaders) spell it."""
+        """A module or tensor name, as checkpoints (and AWQ loaders) spell it."""
         return _rename(name, self.checkpoint_names)
 
     def module_name(self, name: str) -> str:
@@ -143,7 +142,7 @@ GPT_NEOX = Architecture(
     ),
     no_clip=("attention.query_key_value",),
     not_converted=("embed_out",),  # the checkpoint's (and vLLM's) name for transformers' lm_head
-    renames=(("embed_out.", "lm_head."),),
+    checkpoint_names=(("lm_head", "embed_out"),),
     parallel=(("query_key_value", "column"), ("dense", "row"), ("dense_h_to_4h", "column"),
               ("dense_4h_to_h", "row")),
 )

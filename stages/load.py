@@ -51,8 +51,6 @@ def load_packed(model_dir: str, device, dtype: torch.dtype, group: int, to_gemm=
     if to_gemm is not None:
         state = to_gemm(state)
     arch = architecture_for(config.model_type)
-    for old, new in arch.renames:
-        state = {new + k[len(old):] if k.startswith(old) else k: v for k, v in state.items()}
     state = {arch.module_name(k): v for k, v in state.items()}
     model = skeleton(config, dtype)
     for name in state:
