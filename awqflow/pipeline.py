@@ -118,12 +118,13 @@ def check_quantizable(model, arch: Architecture, qcfg: QuantConfig) -> None:
 def plan(model_dir: str, opts: Options) -> Plan:
     config = load_config(model_dir)
     model, arch = skeleton(config), architecture_for(config.model_type)
-    check_quantizable(model, arch, opts.quant)
+    check_quantizable(model, arch, opts.quant)  # bad input fails before the checkpoint is hashed
     return Plan(model_dir, opts, len(blocks_of(model, arch)), model_fingerprint(model_dir), code_fingerprint())
 
 
-# Every block task of a run needs the same skeleton and block kwargs: build them once per process
-# (and per model version, so a new checkpoint in the same folder is never served stale ones).
+# Every block of a run needs the same skeleton and block kwargs: build them once per
+# process (and per model version, so a new checkpoint in the same folder is never served stale ones).
+# Callers only read them: blocks are deep-copied out of the skeleton.
 @lru_cache(maxsize=4)
 def shared_skeleton(model_dir: str, model_fp: str):
     return skeleton(load_config(model_dir))
@@ -204,8 +205,8 @@ def sequential_blocks(p: Plan, windows: torch.Tensor, cache: BlockCache, device:
     device = resolve_device(device)
     config, arch = p.config, p.arch
     dtype = compute_dtype(config, device)
-    model, reader = skeleton(config), CheckpointReader(p.model_dir)
-    kwargs = block_kwargs(config, windows.shape[1], device, dtype)
+    model, reader = shared_skeleton(p.model_dir, p.model_fp), CheckpointReader(p.model_dir)
+    kwargs = shared_block_kwargs(p.model_dir, p.model_fp, windows.shape[1], device, dtype)
     hidden = embed_windows(p.model_dir, config, windows, device, dtype)
     stats = {}
     for i in range(p.n_blocks):
