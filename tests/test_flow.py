@@ -45,16 +45,12 @@ def test_thread_runner_with_two_workers_matches_the_plain_pipeline(tiny_model, r
     assert result["timings"]["blocks"] > 0
 
 
-def test_dask_local_cluster_matches_the_thread_runner(tiny_model, reference, tmp_path):
+@pytest.mark.parametrize("runner,address_variable", [("dask", "DASK_SCHEDULER_ADDRESS"), ("ray", "RAY_ADDRESS")])
+def test_local_cluster_matches_the_plain_pipeline(runner, address_variable, tiny_model, reference, tmp_path,
+                                                   monkeypatch):
+    monkeypatch.delenv(address_variable, raising=False)  # a local cluster, started and stopped by the runner
     out = tmp_path / "awq"
-    awq(model=str(tiny_model), out=str(out), devices=["cpu", "cpu"], task_runner_name="dask", **SMALL)
-    assert_same_checkpoint(out, reference)
-
-
-def test_ray_local_cluster_matches_the_thread_runner(tiny_model, reference, tmp_path, monkeypatch):
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a local Ray instance, started and stopped by the runner
-    out = tmp_path / "awq"
-    awq(model=str(tiny_model), out=str(out), devices=["cpu", "cpu"], task_runner_name="ray", **SMALL)
+    awq(model=str(tiny_model), out=str(out), devices=["cpu", "cpu"], task_runner_name=runner, **SMALL)
     assert_same_checkpoint(out, reference)
 
 
