@@ -1,73 +1,97 @@
-"""awqflow command line: quantize a checkpoint, measure perplexity."""
+"""awqflow command line: quantize a checkpoint, measure perplexity, check a checkpoint against vLLM.
+
+`quantize` takes one flag per field of awqflow.options.Options, derived from it (plus AutoAWQ's
+names as aliases), checks its input before Prefect starts, then runs the `awq` flow.
+"""
 
 import argparse
 import json
 import os
 import sys
+import types
+import typing
+from contextlib import contextmanager
 
-from awqflow.pipeline import Options
+# AutoAWQ's quant_config names, accepted beside ours
+ALIASES = {"w_bit": ["--w_bit"], "group_size": ["--q-group-size", "--q_group_size"],
+           "zero_point": ["--zero_point"], "format": ["--version"]}
 
 
-def _format(value: str) -> str:
-    """AutoAWQ calls its layout a version ("GEMM"); ours is named by format."""
-    return "awq-gemm" if value.lower() in ("gemm", "awq-gemm") else value
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
-def _quantize_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="Hugging Face model directory (safetensors)")
-    p.add_argument("--out", required=True, help="output checkpoint directory")
-    p.add_argument("--method", default="awq", help="awq (default) or rtn")
-    # AutoAWQ's quant_config names (w_bit, q_group_size, zero_point, version) are accepted as aliases
-    p.add_argument("--w-bit", "--w_bit", dest="w_bit", type=int, default=4,
-                   help="4 (AutoAWQ GEMM checkpoint) or 3 (fake-quant checkpoint)")
-    p.add_argument("--group-size", "--q-group-size", "--q_group_size", dest="group_size", type=int, default=128,
-                   help="32, 64, 128 or -1 (whole row)")
-    p.add_argument("--zero-point", "--zero_point", dest="zero_point", action=argparse.BooleanOptionalAction,
-                   default=True, help="asymmetric quantization with zero points (default) or symmetric")
-    p.add_argument("--calib", default="pileval", help="local .txt/.jsonl/.parquet file or datasets name")
-    p.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet/datasets calibration data")
-    p.add_argument("--n-samples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--no-clip", dest="clip", action="store_false", help="skip the clip search")
-    p.add_argument("--no-duo-scaling", dest="duo_scaling", action="store_false",
-                   help="s = x_mean^alpha instead of x_mean^alpha / w_mean^(1-alpha)")
-    p.add_argument("--devices", default=None,
-                   help="comma-separated pool, one block per device at a time: cuda:0,cuda:1 (default: cuda or cpu)")
-    p.add_argument("--task-runner", default="threads", choices=["threads", "dask", "ray"],
-                   help="where block tasks run: threads on this machine, or a Dask / Ray cluster")
-    p.add_argument("--eval-text", default=None,
-                   help="after quantizing, print FP / RTN / AWQ perplexity on this text file")
-    p.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window (default: model max, <= 2048)")
-    p.add_argument("--mode", default="parallel", choices=["parallel", "sequential"],
-                   help="parallel: blocks searched on FP inputs (AutoAWQ); sequential: on quantized outputs")
-    p.add_argument("--format", "--version", dest="format", default="awq-gemm", type=_format,
-                   help="checkpoint layout: awq-gemm (AutoAWQ version GEMM, default) or compressed-tensors")
-    p.add_argument("--work-dir", default=None,
-                   help="activations and the block-result cache (default: OUT.work); reruns reuse it")
+class Parser(argparse.ArgumentParser):
+    """Usage errors in one line (the full usage of ~20 flags would bury the problem)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _parser_for(annotation):
+    """(argparse type, allowed values, action) for a field's type. The values only show in --help:
+    the options model checks them, with the same one-line message from every entry point."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation, args = args[0], list(typing.get_args(args[0]))
+    if annotation is bool:
+        return None, None, argparse.BooleanOptionalAction
+    if typing.get_origin(annotation) is typing.Literal:
+        return type(args[0]), list(args), None
+    if typing.get_origin(annotation) is list:
+        return lambda text: [t for t in text.split(",") if t], None, None
+    return annotation, None, None
+
+
+def add_option_flags(p: argparse.ArgumentParser, options_type) -> None:
+    """One flag per options field; unset flags are left out, so the model's own defaults apply."""
+    for name, field in options_type.model_fields.items():
+        kind, choices, action = _parser_for(field.annotation)
+        extra = {"action": action} if action else {"type": kind}
+        if choices:
+            extra["metavar"] = "{" + ",".join(map(str, choices)) + "}"
+        p.add_argument(flag(name), *ALIASES.get(name, []), dest=name, default=argparse.SUPPRESS,
+                       help=f"{field.description} (default: {field.default})", **extra)
+
+
+def options_from(args: argparse.Namespace):
+    from awqflow.options import Options
+
+    return Options(**{k: v for k, v in vars(args).items() if k in Options.model_fields})
+
+
+@contextmanager
+def closed_bars():
+    """A run that fails mid-stage leaves its progress bar open: close it, so that the error line that
+    follows starts a line of its own."""
+    try:
+        yield
+    finally:
+        from tqdm import tqdm
+
+        for bar in list(tqdm._instances):
+            bar.close()
 
 
 def cmd_quantize(a) -> None:
-    """Runs the Prefect flow `awq`; with no server configured Prefect runs it in ephemeral mode."""
-    Options(method=a.method, w_bit=a.w_bit, group_size=a.group_size, zero_point=a.zero_point,
-            mode=a.mode, format=a.format)  # argument errors before Prefect starts
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from awqflow import preflight
+
+    options = options_from(a)
+    preflight.check_run(a.model, a.out, options)  # bad input fails here, in seconds, before Prefect starts
     from awqflow.flows.awq import awq
 
-    devices = a.devices.split(",") if a.devices else None
-    result = awq(model=a.model, out=a.out, method=a.method, w_bit=a.w_bit, group_size=a.group_size,
-                 zero_point=a.zero_point, calib=a.calib, text_field=a.text_field, n_samples=a.n_samples,
-                 seqlen=a.seqlen, clip=a.clip, duo_scaling=a.duo_scaling, mode=a.mode, devices=devices,
-                 task_runner_name=a.task_runner, work_dir=a.work_dir, eval_text=a.eval_text,
-                 eval_seqlen=a.eval_seqlen, format=a.format, progress=True)
+    with preflight.prefect_session(debug=a.debug or bool(os.environ.get("AWQFLOW_DEBUG"))), closed_bars():
+        result = awq(model=a.model, out=a.out, options=options, progress=True)
     print(result["report"])
     print(f"output: {os.path.abspath(a.out)}")
 
 
 def cmd_ppl(a) -> None:
-    from awqflow.pipeline import evaluate
+    from awqflow.evaluate import evaluate
 
-    r = evaluate(a.model, a.text, a.seqlen, a.device)
-    print(json.dumps(r) if a.json else f"ppl {r['ppl']:.4f} over {r['tokens']} tokens ({r['windows']} x {r['seqlen']})")
+    r = evaluate(a.model, a.text, a.seqlen, a.device, reference=a.reference)
+    kl = f", mean KL to {a.reference} {r['kl']:.5f}" if "kl" in r else ""
+    print(json.dumps(r) if a.json else f"ppl {r['ppl']:.4f}{kl} over {r['tokens']} tokens ({r['windows']} x {r['seqlen']})")
 
 
 def cmd_check(a) -> None:
@@ -83,32 +107,47 @@ def cmd_check(a) -> None:
     sys.exit(1 if errors else 0)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="awqflow", description="AWQ quantization of Hugging Face causal LMs")
-    sub = parser.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quantize", help="quantize a checkpoint (AWQ or RTN)")
-    _quantize_args(q)
+def build_parser() -> argparse.ArgumentParser:
+    from awqflow.options import Options
+
+    parser = Parser(prog="awqflow", description="AWQ quantization of Hugging Face causal LMs")
+    parser.add_argument("--debug", action="store_true", help="full tracebacks on errors (or AWQFLOW_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    q = sub.add_parser("quantize", help="quantize a checkpoint")
+    q.add_argument("--model", required=True, help="Hugging Face model directory (safetensors)")
+    q.add_argument("--out", required=True, help="output checkpoint directory (never the model's own folder)")
+    add_option_flags(q, Options)
     q.set_defaults(func=cmd_quantize)
-    p = sub.add_parser("ppl", help="perplexity of an FP or awqflow checkpoint")
+    p = sub.add_parser("ppl", help="perplexity (and KL to a reference) of an FP or awqflow checkpoint")
     p.add_argument("--model", required=True)
     p.add_argument("--text", required=True, help="plain text file")
     p.add_argument("--seqlen", type=int, default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--reference", default=None, help="FP model directory: also report mean KL to its logits")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_ppl)
     c = sub.add_parser("check", help="would vLLM's AWQ / AWQ-Marlin loaders accept this checkpoint?")
     c.add_argument("--model", required=True, help="quantized checkpoint directory")
     c.add_argument("--tp", type=int, default=1, help="tensor-parallel size to check the shards for")
     c.set_defaults(func=cmd_check)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    from awqflow.preflight import report_error
+
+    # before Prefect reads its settings: no telemetry unless asked for (offline it only logs an error),
+    # warnings and errors only on the terminal (the progress bars and the report say the rest)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError, FloatingPointError, OSError) as e:
-        if os.environ.get("AWQFLOW_DEBUG"):
+    except Exception as e:
+        if args.debug or os.environ.get("AWQFLOW_DEBUG"):
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"awqflow: error: {msg}".splitlines()[0], file=sys.stderr)
-        sys.exit(1)
+        report_error(e)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,6 @@
 """Load a model for evaluation: an FP checkpoint through transformers, an awqflow 4-bit checkpoint
 (GEMM or compressed-tensors) through the project's own QuantLinear (transformers' AWQ path needs a GPU-oriented backend)."""
 
-import json
-import os
-
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -11,21 +8,14 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from awqflow.kernels.quant_linear import QuantLinear
 from awqflow.stages import export_ct
 from awqflow.stages.architectures import architecture_for
-from awqflow.stages.model import BUILD_LOCK, CheckpointReader, init_buffers, rebuild_rotary, set_module, skeleton
-
-
-def read_config(model_dir: str) -> dict:
-    path = os.path.join(model_dir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no config.json in {model_dir}: pass a Hugging Face model directory")
-    with open(path) as f:
-        return json.load(f)
+from awqflow.stages.model import BUILD_LOCK, init_buffers, rebuild_rotary, set_module, skeleton
+from awqflow.storage.checkpoint import CheckpointReader, read_config_json
 
 
 def load_model(model_dir: str, device="cpu", dtype: torch.dtype | None = None) -> nn.Module:
     """Any checkpoint awqflow reads or writes, ready for inference. dtype defaults to float32 on CPU
     and to the checkpoint's dtype elsewhere."""
-    raw = read_config(model_dir)
+    raw = read_config_json(model_dir)
     quant = raw.get("quantization_config")
     if quant is None:
         kwargs = {"dtype": dtype or (torch.float32 if str(device) == "cpu" else "auto")}

@@ -1,90 +1,60 @@
-"""The stages wired in order, without Prefect: what the CLI, the benchmarks and the tests call.
-The Prefect flow (awqflow.flows.awq) calls the same functions, one task per block, in parallel."""
+"""The stages in order, in one place: `run`. The Prefect flow (awqflow.flows.awq) runs this sequence
+with each stage as a task and the blocks in parallel; tests and benchmarks that need no Prefect run
+the very same sequence with `LocalRunner`."""
 
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
-from functools import cached_property, lru_cache
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import AutoTokenizer
 
-from awqflow.stages.architectures import Architecture, architecture_for
-from awqflow.stages.block import linears_of, quantized_tensors, search_block
+from awqflow.evaluate import evaluate
+from awqflow.options import Options
+from awqflow.stages.block import checkpoint_tensors
 from awqflow.stages.calibration import calibration_windows
 from awqflow.stages.capture import capture_block_inputs, embed_windows
-from awqflow.stages.model import CheckpointReader, block_kwargs, blocks_of, load_block, load_config, run_block, skeleton
-from awqflow.stages.quantize import QuantConfig
-from awqflow.stages.save import FORMATS, save_checkpoint
-from awqflow.stages.scales import SearchConfig
+from awqflow.stages.method import BlockInputs, Method, linears_of
+from awqflow.stages.methods import method_named
+from awqflow.stages.model import OpenModel, open_model, run_block
+from awqflow.stages.save import check_output_path, save_checkpoint
 from awqflow.storage.activations import ActivationStore
 from awqflow.storage.cache import BlockCache
 from awqflow.storage.fingerprint import code_fingerprint, key, model_fingerprint, tensor_fingerprint
+from awqflow.storage.gemm import dequantize_gemm
+
+# Options that say how a run is executed, not what it computes: left out of the checkpoint's record.
+EXECUTION_OPTIONS = {"devices", "task_runner", "work_dir", "eval_text", "eval_seqlen"}
 
 
-@dataclass
-class Options:
-    method: str = "awq"  # or "rtn"
-    w_bit: int = 4
-    group_size: int = 128
-    zero_point: bool = True
-    calib: str = "pileval"
-    text_field: str = "text"
-    n_samples: int = 128
-    seqlen: int = 512
-    clip: bool = True
-    duo_scaling: bool = True
-    n_grid: int = 20
-    seed: int = 0
-    # "parallel": every block searched on FP-captured inputs (AutoAWQ, the default);
-    # "sequential": each block sees the previous blocks already quantized (llm-compressor)
-    mode: str = "parallel"
-    format: str = "awq-gemm"  # or "compressed-tensors" (stages/export_ct.py)
-
-    def __post_init__(self):
-        if self.method not in ("awq", "rtn"):
-            raise ValueError(f"method={self.method!r}: use 'awq' or 'rtn'")
-        if self.mode not in ("parallel", "sequential"):
-            raise ValueError(f"mode={self.mode!r}: use 'parallel' or 'sequential'")
-        if self.format not in FORMATS:
-            raise ValueError(f"format={self.format!r}: use one of {', '.join(FORMATS)}")
-        QuantConfig(self.w_bit, self.group_size, self.zero_point)  # fails early on bad bits / group size
-
-    @property
-    def quant(self) -> QuantConfig:
-        return QuantConfig(self.w_bit, self.group_size, self.zero_point)
-
-    @property
-    def search(self) -> SearchConfig:
-        return SearchConfig(n_grid=self.n_grid, duo_scaling=self.duo_scaling)
-
-
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """Everything the per-block work needs to know, cheap to pass to any worker."""
+    """Everything the per-block work needs to know, cheap to pass to any worker process."""
+
     model_dir: str
-    opts: Options
+    options: Options
     n_blocks: int
     model_fp: str
     code_fp: str
-    calib_fp: str | None = None  # set once calibration windows exist
-
-    @cached_property
-    def config(self):
-        return load_config(self.model_dir)
+    calib_fp: str | None = None  # once calibration windows exist
 
     @property
-    def arch(self) -> Architecture:
-        return architecture_for(self.config.model_type)
+    def model(self) -> OpenModel:
+        return open_model(self.model_dir, self.model_fp)
+
+    @property
+    def method(self) -> Method:
+        return method_named(self.options.method)
 
     def block_key(self, index: int) -> str:
-        o = asdict(self.opts)
-        for unused in ("calib", "text_field", "n_samples", "seed", "format"):  # in calib_fp, or only for save
-            o.pop(unused)
-        if o["method"] == "rtn":
-            o = {k: o[k] for k in ("method", "w_bit", "group_size", "zero_point")}
-        return key("block", self.model_fp, index, o, self.calib_fp if o["method"] == "awq" else None, self.code_fp)
+        o, method = self.options, self.method
+        parts = {"method": method.name, "quant": [o.w_bit, o.group_size, o.zero_point],
+                 **{name: getattr(o, name) for name in method.options}}
+        if method.needs_inputs:
+            parts.update(mode=o.mode, calibration=self.calib_fp)
+        return key("block", self.model_fp, index, parts, self.code_fp)
 
 
 def resolve_device(device: str | None) -> str:
@@ -98,100 +68,84 @@ def compute_dtype(config, device: str) -> torch.dtype:
     return config.dtype if config.dtype in (torch.float16, torch.bfloat16) else torch.float16
 
 
-def check_quantizable(model, arch: Architecture, qcfg: QuantConfig) -> None:
-    """Every block linear must split into whole groups (and whole 8-column words when packed)."""
-    bad = []
-    for i, block in enumerate(blocks_of(model, arch)):
+def check_quantizable(m: OpenModel, options: Options) -> None:
+    """Every quantized block linear must split into whole groups (and whole 8-column words when packed)."""
+    qcfg, bad = options.quant, []
+    for i in range(m.n_blocks):
+        block = m.skeleton.get_submodule(f"{m.arch.blocks}.{i}")
         for name, lin in linears_of(block).items():
-            if name in arch.unquantized:
+            if name in m.arch.unquantized:
                 continue
             try:
                 qcfg.group_len(lin.in_features)
                 if qcfg.w_bit == 4 and lin.out_features % 8:
                     raise ValueError(f"out_features={lin.out_features} is not divisible by 8")
             except ValueError as e:
-                bad.append(f"{arch.blocks}.{i}.{name}: {e}")
+                bad.append(f"{m.arch.blocks}.{i}.{name}: {e}")
     if bad:
         raise ValueError(f"{len(bad)} layer(s) cannot be quantized with group_size={qcfg.group_size}: {bad[0]}")
 
 
-def plan(model_dir: str, opts: Options) -> Plan:
-    config = load_config(model_dir)
-    model, arch = skeleton(config), architecture_for(config.model_type)
-    check_quantizable(model, arch, opts.quant)  # bad input fails before the checkpoint is hashed
-    return Plan(model_dir, opts, len(blocks_of(model, arch)), model_fingerprint(model_dir), code_fingerprint())
+def plan(model_dir: str, options: Options) -> Plan:
+    m = open_model(model_dir)
+    check_quantizable(m, options)  # bad input fails before the checkpoint is hashed
+    return Plan(model_dir, options, m.n_blocks, model_fingerprint(model_dir), code_fingerprint())
 
 
-# Every block of a run needs the same skeleton and block kwargs: build them once per
-# process (and per model version, so a new checkpoint in the same folder is never served stale ones).
-# Callers only read them: blocks are deep-copied out of the skeleton.
-@lru_cache(maxsize=4)
-def shared_skeleton(model_dir: str, model_fp: str):
-    return skeleton(load_config(model_dir))
-
-
-@lru_cache(maxsize=8)
-def shared_block_kwargs(model_dir: str, model_fp: str, seqlen: int, device: str, dtype: torch.dtype) -> list[dict]:
-    return block_kwargs(load_config(model_dir), seqlen, device, dtype)
-
-
-def calibrate(p: Plan) -> torch.Tensor:
-    o = p.opts
+def calibrate(p: Plan) -> tuple[torch.Tensor, Plan]:
+    o = p.options
     windows = calibration_windows(o.calib, AutoTokenizer.from_pretrained(p.model_dir), o.n_samples, o.seqlen,
                                   o.text_field, o.seed)
-    p.calib_fp = tensor_fingerprint(windows)
-    return windows
+    return windows, replace(p, calib_fp=tensor_fingerprint(windows))
 
 
-def capture(p: Plan, windows: torch.Tensor, store_path: str, device: str | None = None,
-            progress=None) -> ActivationStore:
+def capture(p: Plan, windows: torch.Tensor, store_path: str, device: str | None = None, progress=None) -> str:
     """FP pass into the Zarr store; a store made from another model or other windows is refused."""
     device = resolve_device(device)
-    config = p.config
+    m = p.model
+    dtype = compute_dtype(m.config, device)
     store = ActivationStore(store_path)
-    expected = {"model": p.model_fp, "calibration": p.calib_fp, "dtype": str(compute_dtype(config, device))}
+    expected = {"model": p.model_fp, "calibration": p.calib_fp, "dtype": str(dtype)}
     found = {k: store.meta.get(k) for k in expected}
     if any(found.values()) and found != expected:
         raise ValueError(f"activation store {store_path} was captured for {found}, not {expected}: "
                          f"use another --work-dir or delete it")
     store.set_meta(**expected)
-    check_disk(store_path, capture_bytes(p, windows, compute_dtype(config, device)) - store.nbytes())
-    capture_block_inputs(p.model_dir, config, windows, store, device, compute_dtype(config, device), progress=progress)
-    return store
-
-
-def capture_bytes(p: Plan, windows: torch.Tensor, dtype: torch.dtype) -> int:
-    """Size of the activation store: samples x seqlen x hidden x element size, per block."""
-    return p.n_blocks * windows.numel() * p.config.hidden_size * torch.tensor([], dtype=dtype).element_size()
+    element = torch.tensor([], dtype=dtype).element_size()
+    check_disk(store_path, p.n_blocks * windows.numel() * m.config.hidden_size * element - store.nbytes())
+    capture_block_inputs(m, windows, store, device, dtype, progress=progress)
+    return store_path
 
 
 def check_disk(path: str, needed: int) -> None:
     """Refuse to start a write that cannot fit, rather than fail hours in."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    free = shutil.disk_usage(folder).free
+    existing = folder
+    while not os.path.exists(existing):  # the folder may not exist yet: its disk is its first existing parent's
+        existing = os.path.dirname(existing)
+    free = shutil.disk_usage(existing).free
     if needed > 0 and needed > free * 0.95:
         raise OSError(f"not enough disk for the activation store: {needed / 2**30:.2f} GiB needed, "
                       f"{free / 2**30:.2f} GiB free in {folder}; use --work-dir on a bigger disk or fewer --n-samples")
 
 
 def quantize_block(p: Plan, index: int, store_path: str | None, device: str | None = None):
-    """One block from its captured input to checkpoint tensors: (tensors, search stats)."""
+    """One block from its captured input to checkpoint tensors: (tensors, the method's statistics)."""
     device = resolve_device(device)
-    config, arch = p.config, p.arch
-    dtype = compute_dtype(config, device)
-    block = load_block(shared_skeleton(p.model_dir, p.model_fp), arch, index, CheckpointReader(p.model_dir), device, dtype)
-    stats = {}
-    if p.opts.method == "awq":
+    m = p.model
+    dtype = compute_dtype(m.config, device)
+    block = m.block(index, device, dtype)
+    inputs = None
+    if p.method.needs_inputs:
         hidden = ActivationStore(store_path, mode="r").read(index, device)
-        kwargs = shared_block_kwargs(p.model_dir, p.model_fp, hidden.shape[1], device, dtype)[index]
-        stats = search_block(block, arch, hidden, kwargs, p.opts.quant, p.opts.search, p.opts.clip)
-    return {k: v.cpu() for k, v in quantized_tensors(block, p.opts.quant, arch.unquantized).items()}, stats
+        inputs = BlockInputs(hidden, m.block_kwargs(hidden.shape[1], device, dtype)[index])
+    codes, stats = p.method.quantize_block(block, m.arch, inputs, p.options)
+    return {k: v.cpu() for k, v in checkpoint_tensors(block, codes, p.options.quant).items()}, stats
 
 
-def cached_block(p: Plan, index: int, cache: BlockCache, store_path: str | None, device: str | None = None) -> dict:
-    """quantize_block through the content-addressed cache; returns the block's search stats."""
-    k = p.block_key(index)
+def cached_block(p: Plan, index: int, cache_url: str, store_path: str | None, device: str | None = None) -> dict:
+    """quantize_block through the content-addressed cache; returns the block's statistics."""
+    cache, k = BlockCache(cache_url), p.block_key(index)
     hit = cache.get(k)
     if hit is not None:
         return hit[1]
@@ -200,21 +154,20 @@ def cached_block(p: Plan, index: int, cache: BlockCache, store_path: str | None,
     return stats
 
 
-def sequential_blocks(p: Plan, windows: torch.Tensor, cache: BlockCache, device: str | None = None) -> dict:
-    """llm-compressor's order: block i is searched on the output of blocks 0..i-1 already quantized."""
+def sequential_blocks(p: Plan, windows: torch.Tensor, cache_url: str, device: str | None = None) -> dict:
+    """llm-compressor's order: block i is quantized on the output of blocks 0..i-1 already quantized."""
     device = resolve_device(device)
-    config, arch = p.config, p.arch
-    dtype = compute_dtype(config, device)
-    model, reader = shared_skeleton(p.model_dir, p.model_fp), CheckpointReader(p.model_dir)
-    kwargs = shared_block_kwargs(p.model_dir, p.model_fp, windows.shape[1], device, dtype)
-    hidden = embed_windows(p.model_dir, config, windows, device, dtype)
+    m, cache = p.model, BlockCache(cache_url)
+    dtype = compute_dtype(m.config, device)
+    kwargs = m.block_kwargs(windows.shape[1], device, dtype)
+    hidden = embed_windows(m, windows, device, dtype)
     stats = {}
     for i in range(p.n_blocks):
-        block = load_block(model, arch, i, reader, device, dtype)
+        block = m.block(i, device, dtype)
         hit = cache.get(p.block_key(i))  # a resumed run replays finished blocks instead of searching again
         if hit is None:
-            stats[i] = search_block(block, arch, hidden, kwargs[i], p.opts.quant, p.opts.search, p.opts.clip)
-            tensors = quantized_tensors(block, p.opts.quant, arch.unquantized)
+            codes, stats[i] = p.method.quantize_block(block, m.arch, BlockInputs(hidden, kwargs[i]), p.options)
+            tensors = checkpoint_tensors(block, codes, p.options.quant)
             cache.put(p.block_key(i), tensors, stats[i])
         else:
             tensors, stats[i] = hit
@@ -226,8 +179,6 @@ def sequential_blocks(p: Plan, windows: torch.Tensor, cache: BlockCache, device:
 
 def load_fake_quant(block, tensors: dict) -> None:
     """Put a block's quantized weights back into it as dense weights (to run it as quantized)."""
-    from awqflow.stages.pack import dequantize_gemm
-
     with torch.no_grad():
         for name, lin in linears_of(block).items():
             if f"{name}.qweight" in tensors:
@@ -237,20 +188,22 @@ def load_fake_quant(block, tensors: dict) -> None:
             lin.weight.copy_(w.to(lin.weight.dtype))
 
 
-def save(p: Plan, out_dir: str, cache: BlockCache) -> list[str]:
+def save(p: Plan, out_dir: str, cache_url: str) -> list[str]:
+    cache, arch = BlockCache(cache_url), p.model.arch
+
     def blocks():
         for i in range(p.n_blocks):
             hit = cache.get(p.block_key(i))
             if hit is None:
-                raise KeyError(f"block {i} result is missing from the cache at {cache.url}: re-run to recompute it")
-            yield i, {p.arch.checkpoint_name(k): v for k, v in hit[0].items()}  # cached under module names
+                raise KeyError(f"block {i} result is missing from the cache at {cache_url}: re-run to recompute it")
+            yield i, {arch.checkpoint_name(k): v for k, v in hit[0].items()}  # cached under module names
 
-    meta = asdict(p.opts)
+    meta = p.options.model_dump(exclude=EXECUTION_OPTIONS)
     meta.update(model_fingerprint=p.model_fp, calibration_fingerprint=p.calib_fp)
-    return save_checkpoint(p.model_dir, out_dir, blocks(), p.arch.blocks, p.opts.quant, p.opts.method,
-                           p.arch.not_converted, extra_meta=meta,
-                           unquantized=tuple(p.arch.checkpoint_name(m) for m in p.arch.unquantized),
-                           fmt=p.opts.format)
+    return save_checkpoint(p.model_dir, out_dir, blocks(), arch.blocks, p.options.quant, p.options.method,
+                           arch.not_converted, extra_meta=meta,
+                           unquantized=tuple(arch.checkpoint_name(m) for m in arch.unquantized),
+                           fmt=p.options.format)
 
 
 def checkpoint_bytes(model_dir: str) -> int:
@@ -265,68 +218,78 @@ def default_work_dir(out_dir: str) -> str:
     return out_dir.rstrip("/") + ".work"
 
 
-def run_blocks(model_dir: str, opts: Options, work: str, device: str | None = None, log=print,
-               timings: dict | None = None) -> tuple[Plan, dict]:
-    """Calibration, capture and every block, results into work/cache: (plan, per-block stats)."""
-    timings = {} if timings is None else timings
-    t = time.perf_counter()
-    p = plan(model_dir, opts)
-    cache = BlockCache(os.path.join(work, "cache"))
-    if opts.method == "awq":
-        windows = calibrate(p)
-        timings["calibration"] = time.perf_counter() - t
-    t = time.perf_counter()
-    if opts.method == "awq" and opts.mode == "sequential":
-        stats = sequential_blocks(p, windows, cache, device)
-    else:
-        store_path = None
-        if opts.method == "awq":
-            store_path = os.path.join(work, f"activations-{p.calib_fp}.zarr")
-            store = capture(p, windows, store_path, device)
-            timings["capture"] = time.perf_counter() - t
-            log(f"captured {p.n_blocks} block inputs ({store.nbytes() / 2**20:.1f} MiB)")
-            t = time.perf_counter()
+class LocalRunner:
+    """Runs every stage in this process, in order, blocks one after another: `run` without Prefect."""
+
+    def __init__(self, log=None):
+        self.log = log or (lambda message: None)
+
+    def stage(self, name: str, fn, *args, **kwargs):
+        return fn(*args, **kwargs)
+
+    def progress(self, desc: str, total: int):
+        return None
+
+    def blocks(self, p: Plan, cache_url: str, store_path: str | None, devices: tuple[str, ...]) -> dict:
         stats = {}
         for i in range(p.n_blocks):
-            stats[i] = cached_block(p, i, cache, store_path, device)
-            log(f"block {i + 1}/{p.n_blocks} done")
-    timings["blocks"] = time.perf_counter() - t
-    return p, stats
+            stats[i] = cached_block(p, i, cache_url, store_path, devices[0])
+            self.log(f"block {i + 1}/{p.n_blocks} done")
+        return stats
 
 
-def quantize_model(model_dir: str, out_dir: str, opts: Options, work_dir: str | None = None, device: str | None = None,
-                   log=print) -> dict:
-    """Quantize model_dir into out_dir, one block after another. Block results are cached by content in
-    work_dir/cache, so a second run (or a run after a crash) redoes nothing that finished."""
+@contextmanager
+def timed(timings: dict, name: str):
+    t = time.perf_counter()
+    yield
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
+
+
+def run(model: str, out: str, options: Options, runner=None) -> dict:
+    """Quantize `model` into `out`: plan -> [calibrate -> capture] -> blocks -> save -> [evaluate].
+    Block results are cached by content in the work dir, so a rerun (or a run after a crash) redoes
+    nothing that finished. With options.eval_text, FP, RTN and the method's checkpoint are evaluated on
+    the same windows (perplexity, and KL to the FP model's logits)."""
+    runner = runner or LocalRunner()
+    check_output_path(model, out)  # before anything is written
+    o = options
+    devices = tuple(o.devices or [resolve_device(None)])
+    work = o.work_dir or default_work_dir(out)
+    cache_url = os.path.join(work, "cache")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    work = work_dir or default_work_dir(out_dir)
-    p, stats = run_blocks(model_dir, opts, work, device, log, timings)
-    t = time.perf_counter()
-    files = save(p, out_dir, BlockCache(os.path.join(work, "cache")))
-    timings["save"] = time.perf_counter() - t
+    with timed(timings, "plan"):
+        p = runner.stage("plan", plan, model, o)
+    windows, store_path = None, None
+    if p.method.needs_inputs:
+        with timed(timings, "calibration"):
+            windows, p = runner.stage("calibrate", calibrate, p)
+    if p.method.needs_inputs and o.mode == "sequential":
+        with timed(timings, "blocks"):
+            stats = runner.stage("sequential-blocks", sequential_blocks, p, windows, cache_url, devices[0])
+    else:
+        if p.method.needs_inputs:
+            with timed(timings, "capture"):
+                store_path = runner.stage("capture", capture, p, windows,
+                                          os.path.join(work, f"activations-{p.calib_fp}.zarr"), devices[0],
+                                          progress=runner.progress("capture", p.n_blocks))
+        with timed(timings, "blocks"):
+            stats = runner.blocks(p, cache_url, store_path, devices)
+    with timed(timings, "save"):
+        files = runner.stage("save", save, p, out, cache_url)
+
+    table = {}
+    if o.eval_text:
+        with timed(timings, "evaluation"):
+            checkpoints = {"FP": model}
+            if o.method != "rtn":
+                baseline = o.model_copy(update={"method": "rtn", "eval_text": None})
+                checkpoints["RTN"] = run(model, out.rstrip("/") + ".rtn", baseline, runner)["out"]
+            checkpoints[o.method.upper()] = out
+            # one after another: each evaluation already uses every core (or the whole GPU)
+            for label, path in checkpoints.items():
+                table[label] = runner.stage(f"evaluate-{label}", evaluate, path, o.eval_text, o.eval_seqlen,
+                                            devices[0], reference=None if label == "FP" else model)
     timings["total"] = time.perf_counter() - t0
-    return {"out": out_dir, "files": files, "timings": timings, "stats": stats,
-            "bytes": sum(os.path.getsize(f) for f in files)}
-
-
-def evaluate(model_dir: str, text_file: str, seqlen: int | None = None, device: str | None = None) -> dict:
-    """Perplexity of any checkpoint awqflow reads or writes, on SPEC §7 windows of text_file."""
-    from awqflow.stages.load import load_model, read_config
-    from awqflow.stages.perplexity import eval_windows, perplexity
-
-    config = read_config(model_dir)
-    if not os.path.exists(text_file):
-        raise FileNotFoundError(f"evaluation text {text_file} does not exist")
-    seqlen = seqlen or min(2048, config.get("max_position_embeddings", 2048))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    with open(text_file, encoding="utf-8") as f:
-        windows = eval_windows(tokenizer, f.read(), seqlen)
-    model = load_model(model_dir, resolve_device(device))
-    return {**perplexity(model, windows), "seqlen": seqlen}
-
-
-def perplexity_table(checkpoints: dict[str, str], text_file: str, seqlen: int | None = None,
-                     device: str | None = None) -> dict[str, dict]:
-    """{label: checkpoint dir} -> {label: perplexity result}, all on the same windows."""
-    return {label: evaluate(path, text_file, seqlen, device) for label, path in checkpoints.items()}
+    return {"out": out, "files": files, "bytes": sum(os.path.getsize(f) for f in files), "timings": timings,
+            "stats": stats, "perplexity": table, "plan": p}

@@ -25,7 +25,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from awqflow import pipeline  # noqa: E402
 from awqflow.stages.calibration import calibration_windows  # noqa: E402
-from awqflow.stages.load import load_model  # noqa: E402
+from awqflow.load import load_model  # noqa: E402
 from awqflow.stages.perplexity import eval_windows, perplexity  # noqa: E402
 from awqflow.storage.fingerprint import tensor_fingerprint  # noqa: E402
 

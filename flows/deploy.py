@@ -8,8 +8,9 @@
   requantize/watch   the `requantize` flow; --interval SECONDS or --cron EXPR schedules it (needs
                      --checkpoints and --output-root); at most one run at a time.
 
---param KEY=VALUE (repeatable; VALUE parsed as JSON, else a string) sets a default parameter of
-every deployment whose flow takes KEY. Runs are executed in subprocesses of this process until it
+--param KEY=VALUE (repeatable; VALUE parsed as JSON, else a string) sets a default: KEY an option of
+awqflow.options.Options (w_bit, calib, ...: both deployments pass it to the `awq` flow) or another
+parameter of a deployment's flow (model, out, settle_s, ...). Runs are executed in subprocesses of this process until it
 gets Ctrl-C (SIGINT) or SIGTERM.
 """
 
@@ -23,6 +24,7 @@ from prefect.deployments.runner import EntrypointType
 
 from awqflow.flows.awq import awq
 from awqflow.flows.watch import requantize
+from awqflow.options import Options
 
 
 def parse_param(text: str) -> tuple[str, object]:
@@ -51,15 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def deployments(args):
     defaults = dict(args.param)
-    accepted = {f: set(inspect.signature(f.fn).parameters) for f in (awq, requantize)}
-    unknown = set(defaults) - set().union(*accepted.values())
+    options = {k: v for k, v in defaults.items() if k in Options.model_fields}
+    accepted = {f: set(inspect.signature(f.fn).parameters) - {"options"} for f in (awq, requantize)}
+    unknown = set(defaults) - set(options) - set().union(*accepted.values())
     if unknown:
         raise SystemExit(f"--param: unknown parameter(s) {sorted(unknown)}")
+    Options(**options)  # a bad value fails here, not in the first run
     if (args.interval or args.cron) and not (args.checkpoints and args.output_root):
         raise SystemExit("--interval / --cron need --checkpoints and --output-root")
 
     def params(f, **extra):
-        return {**{k: v for k, v in defaults.items() if k in accepted[f]}, **extra}
+        given = {k: v for k, v in defaults.items() if k in accepted[f]}
+        return {**given, **extra, **({"options": options} if options else {})}
 
     watch_params = params(requantize, **{k: v for k, v in (("checkpoints", args.checkpoints),
                                                            ("output_root", args.output_root)) if v})

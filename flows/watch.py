@@ -18,6 +18,7 @@ from typing import Callable
 from prefect import flow, get_run_logger
 
 from awqflow.flows.awq import awq
+from awqflow.options import Options
 from awqflow.storage.fingerprint import model_fingerprint
 
 LEDGER = "awqflow-ledger.json"
@@ -140,21 +141,16 @@ def scan(checkpoints_dir: str, output_root: str, quantize: Callable[[str, str], 
 
 
 @flow(name="requantize", log_prints=True)
-def requantize(checkpoints: str, output_root: str, hub: list[str] | None = None, settle_s: float = 30.0,
-               method: str = "awq", w_bit: int = 4, group_size: int = 128, zero_point: bool = True,
-               calib: str = "pileval", text_field: str = "text", n_samples: int = 128, seqlen: int = 512,
-               clip: bool = True, duo_scaling: bool = True, mode: str = "parallel", devices: list[str] | None = None,
-               task_runner_name: str = "threads", work_dir: str | None = None, eval_text: str | None = None,
-               eval_seqlen: int | None = None, format: str = "awq-gemm") -> dict:
-    """Run the `awq` flow on each new or changed checkpoint under `checkpoints` (and `hub` entries
-    "org/model[@revision]" when online); every other parameter is forwarded to `awq`.
-    Files modified less than `settle_s` seconds ago are left for the next scan."""
-    params = {k: v for k, v in locals().items() if k not in ("checkpoints", "output_root", "hub", "settle_s")}
+def requantize(checkpoints: str, output_root: str, options: Options = Options(), hub: list[str] | None = None,
+               settle_s: float = 30.0) -> dict:
+    """Run the `awq` flow with `options` on each new or changed checkpoint under `checkpoints` (and `hub`
+    entries "org/model[@revision]" when online). Files modified less than `settle_s` seconds ago are
+    left for the next scan."""
     logger = get_run_logger()
 
     def quantize(model_dir: str, out: str):
         name = os.path.basename(out)
-        return awq.with_options(flow_run_name=f"awq-{name}")(model=model_dir, out=out, **params)
+        return awq.with_options(flow_run_name=f"awq-{name}")(model=model_dir, out=out, options=options)
 
     summary = scan(checkpoints, output_root, quantize, hub=hub, settle_s=settle_s, log=logger.info)
     logger.info("quantized %d, skipped %d, unsettled %d, failed %d", len(summary["quantized"]),

@@ -14,7 +14,7 @@ from torch import nn
 
 from awqflow.kernels.configs import SPLITK_MAX_M
 from awqflow.kernels.reference import w4a16_matmul_reference
-from awqflow.stages.pack import PER_WORD
+from awqflow.storage.gemm import PER_WORD
 
 _KERNELS = None  # (gemm, splitk) once imported, False if triton is unusable
 

@@ -6,7 +6,7 @@ correctness oracle for them and the fallback where they cannot run (CPU, no trit
 
 import torch
 
-from awqflow.stages.pack import dequantize_gemm
+from awqflow.storage.gemm import dequantize_gemm
 
 
 def resolve_group(group_size: int, k: int, n_groups: int) -> int:

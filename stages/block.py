@@ -1,4 +1,5 @@
-"""One block, start to finish: scale search -> clip search -> quantize. Touches nothing outside it."""
+"""AWQ on one block (scale search -> clip search), and a block's tensors as the checkpoint stores them.
+Touches nothing outside the block."""
 
 import copy
 
@@ -7,13 +8,11 @@ from torch import nn
 
 from awqflow.stages.architectures import Architecture, ScaleGroup
 from awqflow.stages.clip import apply_clip, search_clip
-from awqflow.stages.pack import pack_gemm
-from awqflow.stages.quantize import QuantConfig, dequantize_codes, quantize_codes
+from awqflow.stages.method import Codes, linears_of
+from awqflow.stages.model import run_block
+from awqflow.stages.quantize import QuantConfig, dequantize_codes, fake_quantize
 from awqflow.stages.scales import SearchConfig, apply_scales, block_groups, search_scales
-
-
-def linears_of(block: nn.Module) -> dict[str, nn.Linear]:
-    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+from awqflow.storage.gemm import pack_gemm
 
 
 def input_sources(block: nn.Module, groups: list[ScaleGroup]) -> dict[str, str]:
@@ -53,9 +52,6 @@ def collect_linear_inputs(block: nn.Module, arch: Architecture, hidden: torch.Te
 def fake_quant_output(block: nn.Module, arch: Architecture, hidden: torch.Tensor, kwargs: dict,
                       qcfg: QuantConfig) -> torch.Tensor:
     """The block's output with its linears (those that get quantized) replaced by Q(W)."""
-    from awqflow.stages.model import run_block
-    from awqflow.stages.quantize import fake_quantize
-
     trial = copy.deepcopy(block)
     for name, lin in linears_of(trial).items():
         if name not in arch.unquantized:
@@ -69,8 +65,6 @@ def search_block(block: nn.Module, arch: Architecture, hidden: torch.Tensor, kwa
     """AWQ on one FP block, in place: searches all scales on the FP block first, then fuses them, then
     clips (on the scaled inputs), as AutoAWQ does. Returns the search statistics per group and the
     block's output error (MSE against the FP block) quantized plainly (RTN) and after AWQ."""
-    from awqflow.stages.model import run_block
-
     fp_out = run_block(block, hidden, kwargs)
     rtn_mse = float((fake_quant_output(block, arch, hidden, kwargs, qcfg) - fp_out).float().pow(2).mean())
     groups = block_groups(block, arch)
@@ -96,22 +90,21 @@ def search_block(block: nn.Module, arch: Architecture, hidden: torch.Tensor, kwa
 
 
 @torch.no_grad()
-def quantized_tensors(block: nn.Module, qcfg: QuantConfig, keep: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """The block's tensors as they go into the checkpoint: 4-bit linears packed in the GEMM layout,
-    3-bit ones as dequantized (fake-quant) weights; every other tensor, and the linears named in
-    `keep` (modules_to_not_convert), as it is."""
+def checkpoint_tensors(block: nn.Module, codes: dict[str, Codes], qcfg: QuantConfig) -> dict[str, torch.Tensor]:
+    """The block's tensors as they go into the checkpoint: the linears that have codes packed in the
+    GEMM layout (4-bit) or as dequantized fake-quant weights (3-bit); every other tensor as it is."""
     out = {}
-    lins = {n: lin for n, lin in linears_of(block).items() if n not in keep}
-    for name, lin in lins.items():
-        codes, scales, zeros = quantize_codes(lin.weight.data, qcfg)
+    lins = linears_of(block)
+    for name, (q, scales, zeros) in codes.items():
+        lin = lins[name]
         if qcfg.w_bit == 4:
-            qweight, qzeros, s = pack_gemm(codes, scales, zeros)
+            qweight, qzeros, s = pack_gemm(q, scales, zeros)
             out.update({f"{name}.qweight": qweight, f"{name}.qzeros": qzeros, f"{name}.scales": s})
         else:
-            out[f"{name}.weight"] = dequantize_codes(codes, scales, zeros).to(lin.weight.dtype)
+            out[f"{name}.weight"] = dequantize_codes(q, scales, zeros).to(lin.weight.dtype)
         if lin.bias is not None:
             out[f"{name}.bias"] = lin.bias.data.clone()
     for key, value in block.state_dict().items():
-        if key.rpartition(".")[0] not in lins:
+        if key.rpartition(".")[0] not in codes:
             out[key] = value.clone()
     return out

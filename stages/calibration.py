@@ -51,7 +51,7 @@ def calibration_windows(source: str, tokenizer, n_samples: int = 128, seqlen: in
     need = n_samples * seqlen
     ids: list[int] = []
     for doc in docs:
-        ids.extend(tokenizer(doc + "\n\n", add_special_tokens=False)["input_ids"])
+        ids.extend(tokenizer(doc + "\n\n", add_special_tokens=False, verbose=False)["input_ids"])
         if len(ids) >= need:
             break
     if len(ids) < need:

@@ -6,47 +6,38 @@ own: any order, any device, any machine. Only one block's weights are in memory 
 
 import torch
 
-from awqflow.stages.architectures import architecture_for
-from awqflow.stages.model import (CheckpointReader, block_kwargs, blocks_of, load_block, materialize, rebuild_rotary,
-                                  record_block_calls, run_block, skeleton)
+from awqflow.stages.model import OpenModel, blocks_of, materialize, rebuild_rotary, record_block_calls, run_block
 from awqflow.storage.activations import ActivationStore
 
 
-def embed_windows(model_dir: str, config, windows: torch.Tensor, device, dtype) -> torch.Tensor:
+def embed_windows(m: OpenModel, windows: torch.Tensor, device, dtype) -> torch.Tensor:
     """Block 0's input as the model itself computes it: everything in front of the blocks (token and
     position embeddings, Gemma's embedding scale, OPT's project_in) runs with its real weights."""
-    arch = architecture_for(config.model_type)
-    reader = CheckpointReader(model_dir)
-    model = skeleton(config)
-    path = arch.blocks.rpartition(".")[0]
-    blocks = blocks_of(model, arch)
+    model = m.fresh_skeleton()
+    path = m.arch.blocks.rpartition(".")[0]
+    blocks = blocks_of(model, m.arch)
     for name, child in model.get_submodule(path).named_children():
         if child is not blocks:
-            materialize(child, f"{path}.{name}.", reader, device, dtype, init=model._init_weights)
-    rebuild_rotary(model.get_submodule(path), config, device)
-    (hidden, _), = record_block_calls(model, arch, 1, input_ids=windows.to(device))
+            materialize(child, f"{path}.{name}.", m.reader, device, dtype, init=model._init_weights)
+    rebuild_rotary(model.get_submodule(path), m.config, device)
+    ((hidden, _),) = record_block_calls(model, m.arch, 1, input_ids=windows.to(device))
     return hidden
 
 
-def capture_block_inputs(model_dir: str, config, windows: torch.Tensor, store: ActivationStore,
-                         device="cpu", dtype=torch.float32, batch_size: int = 8, progress=None) -> None:
+def capture_block_inputs(m: OpenModel, windows: torch.Tensor, store: ActivationStore, device="cpu",
+                         dtype=torch.float32, batch_size: int = 8, progress=None) -> None:
     """Write the FP input of every block of the model to `store`; skip blocks already complete
     there (a resumed capture recomputes the FP chain but rewrites nothing)."""
-    arch = architecture_for(config.model_type)
-    reader = CheckpointReader(model_dir)
-    model = skeleton(config)
-    n_blocks = len(blocks_of(model, arch))
-    kwargs = block_kwargs(config, windows.shape[1], device, dtype)
-    hidden = embed_windows(model_dir, config, windows, device, dtype)
-    for i in range(n_blocks):
+    kwargs = m.block_kwargs(windows.shape[1], device, dtype)
+    hidden = embed_windows(m, windows, device, dtype)
+    for i in range(m.n_blocks):
         if not store.has(i):
             store.write(i, hidden)
-        if i + 1 < n_blocks and not store.has(i + 1):
-            block = load_block(model, arch, i, reader, device, dtype)
+        if i + 1 < m.n_blocks and not store.has(i + 1):
+            block = m.block(i, device, dtype)
             hidden = run_block(block, hidden, kwargs[i], batch_size)
             del block
-        elif i + 1 < n_blocks:
+        elif i + 1 < m.n_blocks:
             hidden = store.read(i + 1, device)
         if progress:
-            progress(i + 1, n_blocks)
-
+            progress(i + 1, m.n_blocks)

@@ -9,7 +9,7 @@ along out; weight_shape [out, in]. So q_ct - z_ct = q_awq - z_awq and w = (q - z
 
 import torch
 
-from awqflow.stages.pack import pack_columns, pack_gemm, unpack_columns, unpack_gemm
+from awqflow.storage.gemm import pack_columns, pack_gemm, unpack_columns, unpack_gemm
 from awqflow.stages.quantize import QuantConfig
 
 SEQUENTIAL = tuple(range(8))

@@ -1,66 +1,68 @@
 """Checkpoint access one block at a time: config, a weightless skeleton, tensors by name."""
 
-import json
-import os
+import copy
 import threading
-from contextlib import ExitStack
+from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from awqflow.stages.architectures import Architecture, architecture_for
+from awqflow.stages.moe import unfuse_experts
+from awqflow.storage.checkpoint import CheckpointReader, read_config_json
 
 # transformers sets torch's process-wide default dtype while it builds a model and restores it
 # afterwards: two threads (block tasks) building at once can leave the wrong default behind.
 BUILD_LOCK = threading.Lock()
-from awqflow.stages.moe import unfuse_experts
-
-
-class CheckpointReader:
-    """Reads tensors by name from a safetensors checkpoint (one file or an indexed set of shards)."""
-
-    def __init__(self, model_dir: str):
-        self.model_dir = model_dir
-        index = os.path.join(model_dir, "model.safetensors.index.json")
-        single = os.path.join(model_dir, "model.safetensors")
-        if os.path.exists(index):
-            with open(index) as f:
-                self.file_of = json.load(f)["weight_map"]
-        elif os.path.exists(single):
-            with safe_open(single, "pt") as f:
-                self.file_of = {k: "model.safetensors" for k in f.keys()}
-        else:
-            raise FileNotFoundError(
-                f"no model.safetensors or model.safetensors.index.json in {model_dir}: "
-                f"awqflow reads safetensors checkpoints (re-save with save_pretrained(safe_serialization=True))"
-            )
-        for name in set(self.file_of.values()):
-            if not os.path.exists(os.path.join(model_dir, name)):
-                raise FileNotFoundError(f"checkpoint shard {name} listed in the index is missing from {model_dir}")
-
-    def names(self, prefix: str = "") -> list[str]:
-        return sorted(k for k in self.file_of if k.startswith(prefix))
-
-    def load(self, names, device="cpu") -> dict[str, torch.Tensor]:
-        out = {}
-        with ExitStack() as stack:
-            handles = {}
-            for name in names:
-                file = self.file_of[name]
-                if file not in handles:
-                    handles[file] = stack.enter_context(safe_open(os.path.join(self.model_dir, file), "pt", device=str(device)))
-                out[name] = handles[file].get_tensor(name)
-        return out
 
 
 def load_config(model_dir: str):
-    if not os.path.exists(os.path.join(model_dir, "config.json")):
-        raise FileNotFoundError(f"no config.json in {model_dir}: pass a Hugging Face model directory")
-    config = AutoConfig.from_pretrained(model_dir)
-    architecture_for(config.model_type)  # fail early on unsupported models
-    return config
+    """The model's config; an unsupported model_type fails here with the list of supported ones,
+    before transformers is asked to parse a config it may not know."""
+    architecture_for(read_config_json(model_dir).get("model_type"))
+    with BUILD_LOCK:
+        return AutoConfig.from_pretrained(model_dir)
+
+
+@dataclass(frozen=True)
+class OpenModel:
+    """A source checkpoint opened once per process: config, architecture, tensor reader and the
+    weightless skeleton that blocks are copied out of. Read-only once built."""
+
+    path: str
+    config: object
+    arch: Architecture
+    reader: CheckpointReader
+    skeleton: nn.Module
+    _kwargs: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(blocks_of(self.skeleton, self.arch))
+
+    def fresh_skeleton(self) -> nn.Module:
+        """A private copy to modify (record block calls, materialize parts)."""
+        return copy.deepcopy(self.skeleton)
+
+    def block(self, index: int, device, dtype) -> nn.Module:
+        return load_block(self.skeleton, self.arch, index, self.reader, device, dtype)
+
+    def block_kwargs(self, seqlen: int, device, dtype) -> list[dict]:
+        """Every block's keyword arguments for windows of seqlen tokens, built once per shape."""
+        key = (seqlen, str(device), dtype)
+        if key not in self._kwargs:
+            self._kwargs[key] = block_kwargs(self, seqlen, device, dtype)
+        return self._kwargs[key]
+
+
+@lru_cache(maxsize=4)
+def open_model(model_dir: str, fingerprint: str | None = None) -> OpenModel:
+    """The fingerprint keys the cache, so a new checkpoint written into the same folder is opened anew."""
+    config = load_config(model_dir)
+    reader = CheckpointReader(model_dir)
+    return OpenModel(model_dir, config, architecture_for(config.model_type), reader, skeleton(config))
 
 
 def skeleton(config, dtype: torch.dtype | None = None) -> nn.Module:
@@ -97,6 +99,10 @@ def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, device
     if missing:
         raise KeyError(f"checkpoint {reader.model_dir} lacks {missing[:3]}: does it match its config.json?")
     tensors = reader.load(names.values(), device)
+    broken = [n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if broken:
+        raise FloatingPointError(f"checkpoint tensor {broken[0]} holds NaN/inf: the checkpoint is broken; "
+                                 f"re-download or re-save it")
     module.load_state_dict({k: tensors[n].to(dtype) for k, n in names.items()})
     return module
 
@@ -111,8 +117,6 @@ def init_buffers(module: nn.Module, init) -> None:
 
 def load_block(model: nn.Module, arch: Architecture, index: int, reader: CheckpointReader, device, dtype) -> nn.Module:
     """A private copy of block `index` with real weights; the skeleton stays on meta."""
-    import copy
-
     block = copy.deepcopy(blocks_of(model, arch)[index])
     return materialize(block, f"{arch.blocks}.{index}.", reader, device, dtype, rename=arch.checkpoint_name)
 
@@ -161,11 +165,10 @@ def record_block_calls(model: nn.Module, arch: Architecture, n_blocks: int, **in
     return record
 
 
-def block_kwargs(config, seqlen: int, device, dtype) -> list[dict]:
+def block_kwargs(m: OpenModel, seqlen: int, device, dtype) -> list[dict]:
     """Per-block keyword arguments (mask, rotary embeddings, positions) as the model itself builds
     them for a batch of unpadded windows. Recomputed on demand, never stored."""
-    arch = architecture_for(config.model_type)
-    model = skeleton(config)
+    config, arch, model = m.config, m.arch, m.fresh_skeleton()
     body = model.get_submodule(arch.blocks.rpartition(".")[0])
     skipped = (blocks_of(model, arch), model.get_input_embeddings())
     for child in body.children():

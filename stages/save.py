@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 
 from awqflow import __version__
 from awqflow.stages import export_ct
-from awqflow.stages.model import CheckpointReader
 from awqflow.stages.quantize import QuantConfig
+from awqflow.storage.checkpoint import CheckpointReader, read_config_json
 
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 FORMATS = ("awq-gemm", "compressed-tensors")
@@ -68,6 +68,21 @@ class _ShardWriter:
         return final
 
 
+def _real(path: str) -> str:
+    return os.path.realpath(os.path.abspath(path.rstrip("/") or "/"))
+
+
+def check_output_path(model_dir: str, out_dir: str) -> None:
+    """The output may not be the model folder, lie inside it or contain it (after links and trailing
+    slashes): saving would replace or delete the model being read."""
+    m, o = _real(model_dir), _real(out_dir)
+    if o == m or o.startswith(m + os.sep) or m.startswith(o + os.sep):
+        raise ValueError(f"output {out_dir} would overwrite the model {model_dir} (the same folder, inside it or "
+                         f"around it): pick an output folder outside the model's")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"output {out_dir} exists and is not a folder: remove it or pick another output path")
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -99,9 +114,9 @@ def save_checkpoint(model_dir: str, out_dir: str, block_tensors, blocks_prefix: 
         raise ValueError(f"format={fmt!r}: use one of {', '.join(FORMATS)}")
     if fmt == "compressed-tensors" and qcfg.w_bit != 4:
         raise ValueError("the compressed-tensors export holds packed 4-bit weights: use --w-bit 4")
+    check_output_path(model_dir, out_dir)
     reader = CheckpointReader(model_dir)
-    with open(os.path.join(model_dir, "config.json")) as f:
-        config = json.load(f)
+    config = read_config_json(model_dir)
     packed = qcfg.w_bit == 4
     src_dtype = getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float16")
     dtype = torch.float16 if packed else src_dtype  # the GEMM format is fp16 throughout

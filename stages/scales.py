@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from awqflow.stages.architectures import Architecture, ScaleGroup
+from awqflow.stages.model import set_module
 from awqflow.stages.quantize import QuantConfig, fake_quantize
 
 
@@ -78,24 +79,33 @@ def candidate_scales(x: torch.Tensor, weights: list[torch.Tensor], qcfg: QuantCo
     return [None] + [i / scfg.n_grid for i in range(scfg.n_grid)], s
 
 
-def _grid_forward(weights: torch.Tensor, bias, x: torch.Tensor) -> torch.Tensor:
-    # x: (c * b, ..., in), candidate-major on dim 0; weights: (c, out, in)
-    c = weights.shape[0]
-    y = torch.bmm(x.reshape(c, -1, x.shape[-1]), weights.transpose(1, 2))
-    if bias is not None:
-        y = y + bias
-    return y.reshape(*x.shape[:-1], weights.shape[1])
+class CandidateLinear(nn.Module):
+    """Stands in for a linear during the grid: the input's batch is candidate-major, (c * b, ..., in),
+    and each candidate's slice is multiplied by that candidate's weights (c, out, in)."""
+
+    def __init__(self, weights: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weights, self.bias = weights, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.weights.shape[0]
+        y = torch.bmm(x.reshape(c, -1, x.shape[-1]), self.weights.transpose(1, 2))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.weights.shape[1])
 
 
 @contextmanager
-def candidate_weights(linears: list[nn.Linear], stacks: list[torch.Tensor]):
-    for lin, w in zip(linears, stacks):
-        lin.forward = lambda x, w=w, b=lin.bias: _grid_forward(w, b, x)
+def swapped_modules(root: nn.Module, replacements: dict[str, nn.Module]):
+    """root's submodules named in replacements replaced for the duration of the block, then put back."""
+    originals = {name: root.get_submodule(name) for name in replacements}
+    for name, module in replacements.items():
+        set_module(root, name, module)
     try:
         yield
     finally:
-        for lin in linears:
-            del lin.forward
+        for name, module in originals.items():
+            set_module(root, name, module)
 
 
 def _call(module: nn.Module, x: torch.Tensor, kwargs: dict | None):
@@ -103,29 +113,32 @@ def _call(module: nn.Module, x: torch.Tensor, kwargs: dict | None):
     return out[0] if isinstance(out, tuple) else out
 
 
-def grid_losses(inspect: nn.Module, linears: list[nn.Linear], scales: torch.Tensor, x: torch.Tensor,
+def grid_losses(root: nn.Module, inspect: str, linears: list[str], scales: torch.Tensor, x: torch.Tensor,
                 qcfg: QuantConfig, scfg: SearchConfig, kwargs: dict | None = None, batched: bool = True) -> torch.Tensor:
-    """Mean squared error of `inspect`'s output, per candidate, with W -> Q(W * s) / s in every linear.
+    """Mean squared error of root's submodule `inspect`'s output, per candidate, with W -> Q(W * s) / s in
+    every named linear.
 
     Candidates go in chunks whose quantized weights and activations fit the memory budget; each
     chunk's weights are quantized once and reused for every batch of samples. batched=False takes
     one candidate at a time: needed where a module routes tokens (MoE experts see a subset of the
     batch, so candidates cannot ride along the batch dimension)."""
+    lins = [root.get_submodule(n) for n in linears]
     n_cand = scales.shape[0]
-    weight_bytes = sum(lin.weight.numel() for lin in linears) * x.element_size() * 2
-    widest = max([x.shape[-1]] + [lin.out_features for lin in linears])
+    weight_bytes = sum(lin.weight.numel() for lin in lins) * x.element_size() * 2
+    widest = max([x.shape[-1]] + [lin.out_features for lin in lins])
     sample_bytes = x[0].numel() // x.shape[-1] * widest * x.element_size() * 4
     cand_chunk = int(max(1, min(n_cand if batched else 1, scfg.memory_budget // 2 // weight_bytes)))
     batch = int(max(1, scfg.memory_budget // 2 // (sample_bytes * cand_chunk)))
     with torch.no_grad():
-        refs = [_call(inspect, xb, kwargs).float() for xb in x.split(batch)]
+        refs = [_call(root.get_submodule(inspect), xb, kwargs).float() for xb in x.split(batch)]
         sq_err = torch.zeros(n_cand, dtype=torch.float64, device=x.device)
         for start in range(0, n_cand, cand_chunk):
             s = scales[start:start + cand_chunk].to(x.dtype)
-            stacks = [fake_quantize_stack(lin.weight, s, qcfg) for lin in linears]
-            with candidate_weights(linears, stacks):
+            trial = {n: CandidateLinear(fake_quantize_stack(lin.weight, s, qcfg), lin.bias) for n, lin in zip(linears, lins)}
+            with swapped_modules(root, trial):
+                module = root.get_submodule(inspect)
                 for xb, ref in zip(x.split(batch), refs):
-                    out = _call(inspect, xb.repeat(len(s), *[1] * (xb.dim() - 1)), kwargs).float()
+                    out = _call(module, xb.repeat(len(s), *[1] * (xb.dim() - 1)), kwargs).float()
                     sq_err[start:start + len(s)] += (out.view(len(s), -1) - ref.view(1, -1)).pow(2).sum(dim=1).double()
     return sq_err / sum(r.numel() for r in refs)
 
@@ -141,11 +154,10 @@ def fake_quantize_stack(w: torch.Tensor, s: torch.Tensor, qcfg: QuantConfig) -> 
 def search_scales(block: nn.Module, group: ScaleGroup, x: torch.Tensor, qcfg: QuantConfig,
                   scfg: SearchConfig = SearchConfig(), kwargs: dict | None = None):
     """Best per-input-channel scales for one group, and what the search saw."""
-    linears = [block.get_submodule(n) for n in group.linears]
-    inspect = block.get_submodule(group.inspect)
-    alphas, cands = candidate_scales(x, [lin.weight for lin in linears], qcfg, scfg)
-    losses = grid_losses(inspect, linears, cands, x, qcfg, scfg, kwargs if group.inspect_takes_kwargs else None,
-                          batched=not group.routes_tokens)
+    weights = [block.get_submodule(n).weight for n in group.linears]
+    alphas, cands = candidate_scales(x, weights, qcfg, scfg)
+    losses = grid_losses(block, group.inspect, list(group.linears), cands, x, qcfg, scfg,
+                         kwargs if group.inspect_takes_kwargs else None, batched=not group.routes_tokens)
     best = int(torch.argmin(losses))
     s = cands[best]
     info = {

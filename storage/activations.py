@@ -30,8 +30,8 @@ class ActivationStore:
         """Write block `index`'s input; the block is marked complete only after all its data landed."""
         if not torch.isfinite(hidden).all():
             raise FloatingPointError(
-                f"the input of block {index} holds NaN/inf: the model overflows in {hidden.dtype}; "
-                f"capture in float32 or bfloat16 (--dtype) or check the checkpoint"
+                f"the input of block {index} holds NaN/inf ({hidden.dtype}): the checkpoint's weights hold NaN/inf "
+                f"or its activations overflow; check the checkpoint (on a GPU, a bfloat16 checkpoint avoids fp16 overflow)"
             )
         zdtype, view = _STORED_AS[hidden.dtype]
         data = hidden.detach().cpu()

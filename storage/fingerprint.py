@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from importlib.util import find_spec
 from pathlib import Path
 
 import torch
@@ -39,11 +40,24 @@ def tensor_fingerprint(t: torch.Tensor) -> str:
     return hashlib.blake2b(t.contiguous().cpu().numpy().tobytes(), digest_size=16).hexdigest()
 
 
+# Everything that computes a block result: the stages (methods included), the GEMM packing, the
+# pipeline that runs a block, and the libraries whose kernels and model code they call.
+_CODE_PACKAGES = ("awqflow.stages",)
+_CODE_MODULES = ("awqflow.storage.gemm", "awqflow.pipeline")
+
+
 def code_fingerprint() -> str:
-    """The algorithm's source: changing any stage invalidates every cached result."""
+    """Changing any of it (or upgrading torch or transformers) invalidates every cached result.
+    Files are found through the import system, so an editable and a regular install hash the same."""
+    import transformers
+
+    files = {Path(find_spec(m).origin) for m in _CODE_MODULES}
+    for package in _CODE_PACKAGES:
+        files |= set(Path(find_spec(package).origin).parent.rglob("*.py"))
     h = hashlib.blake2b(digest_size=16)
-    for path in sorted((Path(__file__).resolve().parents[1] / "stages").glob("*.py")):
-        h.update(path.read_bytes())
+    for path in sorted(files, key=lambda p: (p.parent.name, p.name)):
+        h.update(f"{path.parent.name}/{path.name}".encode() + b"\0" + path.read_bytes())
+    h.update(f"torch {torch.__version__} transformers {transformers.__version__}".encode())
     return h.hexdigest()
 
 

@@ -2,20 +2,23 @@
 capture equals the model's own hidden states, and quantize -> save -> our loader -> perplexity runs."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-from awqflow.pipeline import Options, cached_block, capture, plan, save
+from awqflow.options import Options
+from awqflow.pipeline import cached_block, capture, plan, save
 from awqflow.stages.architectures import ARCHITECTURES, architecture_for
-from awqflow.stages.load import load_model
-from awqflow.stages.model import CheckpointReader, blocks_of
+from awqflow.load import load_model
+from awqflow.stages.model import blocks_of
 from awqflow.stages.moe import unfuse_experts
 from awqflow.stages.perplexity import perplexity
 from awqflow.stages.scales import apply_scales, block_groups
-from awqflow.storage.cache import BlockCache
+from awqflow.storage.activations import ActivationStore
+from awqflow.storage.checkpoint import CheckpointReader
 from awqflow.storage.fingerprint import tensor_fingerprint
 
 VOCAB = 256
@@ -110,8 +113,8 @@ def test_quantize_save_load_and_perplexity(model_type, checkpoints):
     src = save_model(checkpoints, model_type)
     windows = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(3))
     p = plan(str(src), Options(group_size=32, n_grid=4, n_samples=4, seqlen=32))
-    p.calib_fp = tensor_fingerprint(windows)
-    store = capture(p, windows, str(checkpoints / f"{model_type}.zarr"), "cpu")
+    p = replace(p, calib_fp=tensor_fingerprint(windows))
+    store = ActivationStore(capture(p, windows, str(checkpoints / f"{model_type}.zarr"), "cpu"))
 
     fp = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -120,7 +123,7 @@ def test_quantize_save_load_and_perplexity(model_type, checkpoints):
     for i in range(p.n_blocks):  # capture equals the model's own hidden states (embedding scale, positions)
         torch.testing.assert_close(store.read(i), hidden[i], rtol=1e-5, atol=1e-5)
 
-    cache = BlockCache(str(checkpoints / f"{model_type}.cache"))
+    cache = str(checkpoints / f"{model_type}.cache")
     stats = [cached_block(p, i, cache, store.path, "cpu") for i in range(p.n_blocks)]
     assert all(len(s["groups"]) == CONFIGS[model_type][2] for s in stats)
     out = checkpoints / f"{model_type}-awq"

@@ -5,9 +5,9 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from awqflow.cli import main
-from awqflow.pipeline import Options, cached_block, plan, save
+from awqflow.options import Options
+from awqflow.pipeline import cached_block, plan, save
 from awqflow.stages.check import check_checkpoint
-from awqflow.storage.cache import BlockCache
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def checkpoint(tmp_path_factory):
                          num_key_value_heads=4, vocab_size=128, max_position_embeddings=64)
     AutoModelForCausalLM.from_config(config).to(torch.float16).save_pretrained(folder / "fp")
     p = plan(str(folder / "fp"), Options(method="rtn", group_size=32))
-    cache = BlockCache(str(folder / "cache"))
+    cache = str(folder / "cache")
     cached_block(p, 0, cache, None, "cpu")
     save(p, str(folder / "awq"), cache)
     return str(folder / "awq")

@@ -7,12 +7,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig, LlamaConfig
 
-from awqflow.pipeline import Options, cached_block, plan, save
+from awqflow.options import Options
+from awqflow.pipeline import cached_block, plan, save
 from awqflow.stages import export_ct
-from awqflow.stages.load import load_model
-from awqflow.stages.pack import pack_gemm
+from awqflow.load import load_model
+from awqflow.storage.gemm import pack_gemm
 from awqflow.stages.quantize import QuantConfig, quantize_codes
-from awqflow.storage.cache import BlockCache
 
 ct_helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
 
@@ -44,7 +44,7 @@ def test_transformers_loads_the_compressed_tensors_checkpoint_like_our_loader(tm
     AutoModelForCausalLM.from_config(config).to(torch.float16).save_pretrained(tmp_path / "fp")
     # RTN: the export only re-lays the block tensors out; the search is covered elsewhere
     p = plan(str(tmp_path / "fp"), Options(method="rtn", group_size=32, zero_point=zero_point, format="compressed-tensors"))
-    cache = BlockCache(str(tmp_path / "cache"))
+    cache = str(tmp_path / "cache")
     for i in range(p.n_blocks):
         cached_block(p, i, cache, None, "cpu")
     save(p, str(tmp_path / "ct"), cache)

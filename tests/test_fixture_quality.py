@@ -8,8 +8,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from awqflow import pipeline
+from awqflow.options import Options
 from awqflow.stages.calibration import calibration_windows
-from awqflow.stages.load import load_model
+from awqflow.load import load_model
 from awqflow.stages.perplexity import eval_windows, perplexity
 from awqflow.storage.fingerprint import tensor_fingerprint
 from conftest import CALIB, EVAL, FIXTURE, ROOT
@@ -36,9 +37,9 @@ def ppl(out, ev):
 @pytest.mark.parametrize("w_bit,group", [(4, 128), (4, 64), (3, 128), (3, 64)])
 def test_awq_beats_rtn_and_matches_llm_compressor(w_bit, group, windows, tmp_path):
     q = dict(w_bit=w_bit, group_size=group, calib=str(CALIB), n_samples=N_SAMPLES, seqlen=SEQLEN)
-    quiet = dict(work_dir=str(tmp_path / "work"), log=lambda m: None)
-    pipeline.quantize_model(str(FIXTURE), str(tmp_path / "awq"), pipeline.Options(**q), **quiet)
-    pipeline.quantize_model(str(FIXTURE), str(tmp_path / "rtn"), pipeline.Options(method="rtn", **q), **quiet)
+    q["work_dir"] = str(tmp_path / "work")
+    pipeline.run(str(FIXTURE), str(tmp_path / "awq"), Options(**q))
+    pipeline.run(str(FIXTURE), str(tmp_path / "rtn"), Options(method="rtn", **q))
     awq, rtn = ppl(tmp_path / "awq", windows), ppl(tmp_path / "rtn", windows)
     fp = BASELINE["fp_ppl"]
     baseline = next(r for r in BASELINE["rows"] if r["w_bit"] == w_bit and r["group_size"] == group)

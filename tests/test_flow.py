@@ -13,9 +13,14 @@ from safetensors.torch import load_file
 
 from awqflow import pipeline
 from awqflow.flows.awq import awq
+from awqflow.options import Options
 from conftest import CALIB
 
 SMALL = dict(calib=str(CALIB), n_samples=6, seqlen=64)
+
+
+def opts(**changes) -> Options:
+    return Options(**SMALL, **changes)
 
 
 def tensors(out) -> dict:
@@ -33,13 +38,13 @@ def assert_same_checkpoint(a, b):
 def reference(tiny_model, tmp_path_factory):
     """The plain, Prefect-free pipeline's checkpoint."""
     out = tmp_path_factory.mktemp("ref") / "awq"
-    pipeline.quantize_model(str(tiny_model), str(out), pipeline.Options(**SMALL), log=lambda m: None)
+    pipeline.run(str(tiny_model), str(out), opts())
     return out
 
 
 def test_thread_runner_with_two_workers_matches_the_plain_pipeline(tiny_model, reference, tmp_path):
     out = tmp_path / "awq"
-    result = awq(model=str(tiny_model), out=str(out), devices=["cpu", "cpu"], **SMALL)
+    result = awq(model=str(tiny_model), out=str(out), options=opts(devices=["cpu", "cpu"]))
     assert_same_checkpoint(out, reference)
     assert set(result["stats"]) == {0, 1}
     assert result["timings"]["blocks"] > 0
@@ -50,24 +55,24 @@ def test_local_cluster_matches_the_plain_pipeline(runner, address_variable, tiny
                                                    monkeypatch):
     monkeypatch.delenv(address_variable, raising=False)  # a local cluster, started and stopped by the runner
     out = tmp_path / "awq"
-    awq(model=str(tiny_model), out=str(out), devices=["cpu", "cpu"], task_runner_name=runner, **SMALL)
+    awq(model=str(tiny_model), out=str(out), options=opts(devices=["cpu", "cpu"], task_runner=runner))
     assert_same_checkpoint(out, reference)
 
 
 def test_rerun_recomputes_nothing_and_corrupt_entries_are_recomputed(tiny_model, reference, tmp_path, monkeypatch):
     out, work = tmp_path / "awq", tmp_path / "work"
-    awq(model=str(tiny_model), out=str(out), work_dir=str(work), **SMALL)
+    awq(model=str(tiny_model), out=str(out), options=opts(work_dir=str(work)))
     calls = []
     original = pipeline.quantize_block
     monkeypatch.setattr(pipeline, "quantize_block", lambda *a, **k: calls.append(a[1]) or original(*a, **k))
-    awq(model=str(tiny_model), out=str(out), work_dir=str(work), **SMALL)
+    awq(model=str(tiny_model), out=str(out), options=opts(work_dir=str(work)))
     assert calls == []
     # flip one byte of one cached block: detected by its checksum, recomputed, never used
     entry = sorted((work / "cache").rglob("*.safetensors"))[0]
     data = bytearray(entry.read_bytes())
     data[-10] ^= 0xFF
     entry.write_bytes(bytes(data))
-    awq(model=str(tiny_model), out=str(out), work_dir=str(work), **SMALL)
+    awq(model=str(tiny_model), out=str(out), options=opts(work_dir=str(work)))
     assert len(calls) == 1
     assert_same_checkpoint(out, reference)
 
@@ -106,12 +111,12 @@ def test_capture_refuses_to_start_without_disk_space(tiny_model, tmp_path, monke
 
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(OSError, match="not enough disk for the activation store"):
-        pipeline.quantize_model(str(tiny_model), str(tmp_path / "o"), pipeline.Options(**SMALL), log=lambda m: None)
+        pipeline.run(str(tiny_model), str(tmp_path / "o"), opts())
 
 
 def test_sequential_mode_runs_and_differs_from_parallel(tiny_model, reference, tmp_path):
     out = tmp_path / "seq"
-    awq(model=str(tiny_model), out=str(out), mode="sequential", **SMALL)
+    awq(model=str(tiny_model), out=str(out), options=opts(mode="sequential"))
     a, b = tensors(out), tensors(reference)
     assert a.keys() == b.keys()
     # block 0 sees the same input in both modes; later blocks see quantized outputs
@@ -121,12 +126,12 @@ def test_sequential_mode_runs_and_differs_from_parallel(tiny_model, reference, t
 
 def test_a_save_killed_midway_leaves_nothing_that_a_rerun_trips_on(tiny_model, reference, tmp_path):
     out, work = tmp_path / "awq", tmp_path / "work"
-    awq(model=str(tiny_model), out=str(out), work_dir=str(work), **SMALL)
+    awq(model=str(tiny_model), out=str(out), options=opts(work_dir=str(work)))
     # what kill -9 inside save leaves: a half-written temporary folder, the old output moved aside
     dead = 2**22 + 12345  # above Linux's default pid_max: no such process
     (tmp_path / f"awq.tmp-{dead}").mkdir()
     (tmp_path / f"awq.tmp-{dead}" / "model.safetensors").write_bytes(b"half")
     out.rename(tmp_path / f"awq.old-{dead}")
-    awq(model=str(tiny_model), out=str(out), work_dir=str(work), **SMALL)
+    awq(model=str(tiny_model), out=str(out), options=opts(work_dir=str(work)))
     assert_same_checkpoint(out, reference)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["awq", "awq.report", "work"]

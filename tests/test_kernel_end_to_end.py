@@ -5,15 +5,15 @@ import torch
 from transformers import AutoTokenizer
 
 from awqflow import pipeline
-from awqflow.stages.load import load_model
+from awqflow.options import Options
+from awqflow.load import load_model
 from awqflow.stages.perplexity import eval_windows, perplexity
 from conftest import EVAL, FIXTURE
 
 
 def test_triton_path_perplexity_equals_reference(tmp_path, monkeypatch):
     out = tmp_path / "rtn"
-    pipeline.quantize_model(str(FIXTURE), str(out), pipeline.Options(method="rtn", group_size=64),
-                            work_dir=str(tmp_path / "w"), log=lambda m: None)
+    pipeline.run(str(FIXTURE), str(out), Options(method="rtn", group_size=64, work_dir=str(tmp_path / "w")))
     tok = AutoTokenizer.from_pretrained(FIXTURE)
     windows = eval_windows(tok, EVAL.read_text(encoding="utf-8")[:20000], 64)[:2]
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -16,7 +16,7 @@ import torch
 
 from awqflow.kernels.quant_linear import QuantLinear
 from awqflow.kernels.reference import w4a16_matmul_reference
-from awqflow.stages.pack import dequantize_gemm, pack_gemm
+from awqflow.storage.gemm import dequantize_gemm, pack_gemm
 from awqflow.stages.quantize import QuantConfig, quantize_codes
 
 pytest.importorskip("triton")

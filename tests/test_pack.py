@@ -3,7 +3,7 @@ import importlib.util
 import pytest
 import torch
 
-from awqflow.stages.pack import AWQ_ORDER, dequantize_gemm, pack_gemm, unpack_gemm
+from awqflow.storage.gemm import AWQ_ORDER, dequantize_gemm, pack_gemm, unpack_gemm
 from awqflow.stages.quantize import QuantConfig, fake_quantize, quantize_codes
 
 

@@ -117,8 +117,9 @@ def test_deploy_cli_builds_both_deployments():
                                              "--param", "n_samples=16", "--param", "settle_s=0"])
     quantize, watch_dep = deploy.deployments(args)
     assert (quantize.name, watch_dep.name) == ("quantize", "watch")
-    assert quantize.parameters == {"n_samples": 16} and not quantize.schedules
-    assert watch_dep.parameters == {"n_samples": 16, "settle_s": 0, "checkpoints": "c", "output_root": "o"}
+    assert quantize.parameters == {"options": {"n_samples": 16}} and not quantize.schedules
+    assert watch_dep.parameters == {"options": {"n_samples": 16}, "settle_s": 0, "checkpoints": "c",
+                                    "output_root": "o"}
     assert watch_dep.schedules[0].schedule.cron == "*/5 * * * *"
     assert quantize.entrypoint == "awqflow.flows.awq.awq"
     with pytest.raises(SystemExit):
@@ -153,11 +154,13 @@ def test_deployments_on_a_real_server(tmp_path, tiny_model):
             FlowRunFilterParentFlowRunId
 
         # 1. awq/quantize, as a user types it (the calibration defaults come from `--param`).
-        run = lp.deployment_run("awq/quantize", f"model={tiny_model}", f"out={out}", f"eval_text={eval_text}",
-                                "eval_seqlen=64")
+        # A run's options replace the deployment's as a whole (Prefect merges parameters by name).
+        options = {"calib": str(calib), "n_samples": 4, "seqlen": 64}
+        run = lp.deployment_run("awq/quantize", f"model={tiny_model}", f"out={out}",
+                                "options=" + json.dumps({**options, "eval_text": str(eval_text), "eval_seqlen": 64}))
         lap("awq/quantize run finished")
         assert run.state.is_completed(), run.state
-        assert run.parameters["n_samples"] == 4 and run.parameters["model"] == str(tiny_model)
+        assert run.parameters["options"]["n_samples"] == 4 and run.parameters["model"] == str(tiny_model)
         with lp.client() as c:
             children = c.read_flow_runs(flow_run_filter=FlowRunFilter(
                 parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
@@ -196,7 +199,7 @@ def test_deployments_on_a_real_server(tmp_path, tiny_model):
         lap("serve stopped, prefect.yaml deployed")
         out2 = tmp_path / "quantized-by-worker"
         lp.cli("deployment", "run", "awq/quantize", "-p", f"model={tiny_model}", "-p", f"out={out2}",
-               "-p", f"calib={calib}", "-p", "n_samples=4", "-p", "seqlen=64")
+               "-p", "options=" + json.dumps(options))
         lp.cli("worker", "start", "--pool", "awqflow", "--run-once", cwd=tmp_path)
         run = lp.last_run("awq/quantize")
         assert run.state.is_completed() and run.work_pool_name == "awqflow", run.state

@@ -6,7 +6,8 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from awqflow.stages.architectures import LLAMA
-from awqflow.stages.block import collect_linear_inputs, linears_of, quantized_tensors, search_block
+from awqflow.stages.block import checkpoint_tensors, collect_linear_inputs, search_block
+from awqflow.stages.method import linears_of, round_linears
 from awqflow.stages.quantize import QuantConfig, fake_quantize
 from awqflow.stages.scales import (SearchConfig, apply_scales, candidate_scales, grid_losses, group_applies,
                                    search_scales)
@@ -60,7 +61,7 @@ def test_grid_losses_equal_one_candidate_at_a_time():
     inputs = collect_linear_inputs(block, LLAMA, x, kwargs)[group.linears[0]]
     linears = [block.get_submodule(n) for n in group.linears]
     _, cands = candidate_scales(inputs, [lin.weight for lin in linears], qcfg, scfg)
-    grid = grid_losses(block.self_attn, linears, cands, inputs, qcfg, scfg, kwargs)
+    grid = grid_losses(block, "self_attn", list(group.linears), cands, inputs, qcfg, scfg, kwargs)
     ref = block.self_attn(inputs, **kwargs)[0]
     for c in (0, 3, 5):
         trial = copy.deepcopy(block)
@@ -115,12 +116,12 @@ def test_awq_block_beats_rtn_block_on_outlier_inputs():
     assert abs(stats["output_mse_rtn"] - rtn_err) < 1e-6 * rtn_err and abs(stats["output_mse_awq"] - awq_err) < 1e-5 * awq_err
 
 
-def test_quantized_tensors_are_packed_for_4_bit_and_dense_for_3_bit():
+def test_checkpoint_tensors_are_packed_for_4_bit_and_dense_for_3_bit():
     block, _ = make_block(2, torch.float32)
-    t4 = quantized_tensors(block, QuantConfig(4, 64))
+    t4 = checkpoint_tensors(block, round_linears(block, LLAMA, QuantConfig(4, 64)), QuantConfig(4, 64))
     assert t4["self_attn.q_proj.qweight"].shape == (128, 16) and "self_attn.q_proj.weight" not in t4
     assert t4["mlp.down_proj.scales"].shape == (4, 128) and "input_layernorm.weight" in t4
-    t3 = quantized_tensors(block, QuantConfig(3, 64))
+    t3 = checkpoint_tensors(block, round_linears(block, LLAMA, QuantConfig(3, 64)), QuantConfig(3, 64))
     w = t3["mlp.down_proj.weight"]
     assert w.shape == (128, 256)
     # at most 8 distinct values per (row, group) in a 3-bit checkpoint

@@ -93,8 +93,9 @@ def ui_run(tmp_path_factory):
     with LocalPrefect(tmp) as lp:
         lp.start_server()
         lp.serve("--param", f"calib={calib}", "--param", "n_samples=4", "--param", "seqlen=64")
+        options = {"calib": str(calib), "n_samples": 4, "seqlen": 64, "eval_text": str(eval_text), "eval_seqlen": 64}
         run = lp.deployment_run("awq/quantize", f"model={FIXTURE}", f"out={tmp / 'quantized'}",
-                                f"eval_text={eval_text}", "eval_seqlen=64")
+                                "options=" + json.dumps(options))
         assert run.state.is_completed(), run.state
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
@@ -121,7 +122,7 @@ def test_flow_run_page_shows_the_completed_run(ui_run):
 def test_report_artifact_shows_perplexity_and_plots(ui_run):
     lp, run, artifacts, tmp = ui_run
     report = artifacts["awq-report"]
-    ppl = dict(re.findall(r"^\| (FP|RTN|AWQ) \| ([0-9.]+) \|$", report.data, re.M))
+    ppl = dict(re.findall(r"^\| (FP|RTN|AWQ) \| ([0-9.]+) \|", report.data, re.M))
     assert set(ppl) == {"FP", "RTN", "AWQ"}, report.data[:2000]
     for label, shot, url in [("v2", SHOTS / "report.png", f"{lp.url}/v2/artifacts/artifact/{report.id}"),
                              ("v1", SHOTS / "report-v1.png", f"{lp.url}/artifacts/artifact/{report.id}")]:

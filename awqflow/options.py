@@ -1,0 +1,70 @@
+"""Every option of a quantization run, declared once.
+
+The CLI derives its arguments from these fields, the `awq` flow takes an `Options` as its parameter
+(Prefect validates it and draws it as a form in the UI's "run deployment" dialog), the watch flow
+and prefect.yaml pass it through. Model and output paths are not options: they name the run.
+"""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from awqflow.stages.methods import METHODS, method_named
+from awqflow.stages.quantize import QuantConfig
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: str = Field("awq", description=f"quantization method: {', '.join(METHODS)}",
+                        json_schema_extra={"enum": list(METHODS)})
+    w_bit: Literal[4, 3] = Field(4, description="4 (AutoAWQ GEMM checkpoint) or 3 (fake-quant checkpoint)")
+    group_size: Literal[128, 64, 32, -1] = Field(128, description="input channels per quantization group; -1: whole row")
+    zero_point: bool = Field(True, description="asymmetric quantization with zero points, or symmetric")
+    calib: str = Field("pileval", description="calibration text: local .txt/.jsonl/.parquet file or datasets name")
+    text_field: str = Field("text", description="text field of .jsonl/.parquet/datasets calibration data")
+    n_samples: int = Field(128, ge=1, description="calibration windows")
+    seqlen: int = Field(512, ge=2, description="tokens per calibration window")
+    seed: int = Field(0, description="shuffles the calibration documents")
+    clip: bool = Field(True, description="AWQ clip search after the scale search")
+    duo_scaling: bool = Field(True, description="s = x_mean^a / w_mean^(1-a); off: s = x_mean^a")
+    n_grid: int = Field(20, ge=1, description="alpha grid points of the scale search")
+    mode: Literal["parallel", "sequential"] = Field(
+        "parallel", description="parallel: every block searched on FP inputs (AutoAWQ); "
+                                "sequential: on the quantized previous blocks' outputs (llm-compressor)")
+    format: Literal["awq-gemm", "compressed-tensors"] = Field(
+        "awq-gemm", description="checkpoint layout: AutoAWQ GEMM or compressed-tensors pack-quantized")
+    devices: list[str] | None = Field(None, description="device pool, one block per device at a time "
+                                                         "(default: cuda if present, else cpu)")
+    task_runner: Literal["threads", "dask", "ray"] = Field(
+        "threads", description="where block tasks run: threads here, or a Dask / Ray cluster")
+    work_dir: str | None = Field(None, description="activations and block-result cache (default: OUT.work)")
+    eval_text: str | None = Field(None, description="text file: after quantizing, report FP / RTN / quantized "
+                                                     "perplexity and KL on it")
+    eval_seqlen: int | None = Field(None, ge=2, description="evaluation window (default: model max, <= 2048)")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        method_named(value)
+        return value
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _autoawq_format_name(cls, value):
+        """AutoAWQ calls its layout a version ("GEMM")."""
+        return "awq-gemm" if isinstance(value, str) and value.lower() == "gemm" else value
+
+    @property
+    def quant(self) -> QuantConfig:
+        return QuantConfig(self.w_bit, self.group_size, self.zero_point)
+
+
+def describe_error(error) -> str:
+    """A pydantic ValidationError as one line per field: `w_bit=8: Input should be 4 or 3`."""
+    lines = []
+    for e in error.errors():
+        name = ".".join(str(p) for p in e["loc"]) or "options"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{name}={e['input']!r}: {msg}" if e["type"] != "extra_forbidden" else f"unknown option {name}")
+    return "; ".join(lines)

@@ -1,0 +1,126 @@
+"""What the CLI does around a run: check the input before any heavy work, own the Prefect session,
+and turn an error into one line."""
+
+import os
+import sys
+from contextlib import contextmanager
+
+import torch
+
+from awqflow.options import Options
+
+
+def check_run(model: str, out: str, options: Options) -> None:
+    """Every check that needs no model pass: paths, config, architecture, shapes, calibration and
+    evaluation files, disk space for the activations."""
+    from awqflow.pipeline import check_disk, check_quantizable, compute_dtype, default_work_dir, resolve_device
+    from awqflow.stages.methods import method_named
+    from awqflow.stages.model import open_model
+    from awqflow.stages.save import check_output_path
+
+    check_output_path(model, out)
+    m = open_model(model)
+    check_quantizable(m, options)
+    if method_named(options.method).needs_inputs:
+        if os.path.splitext(options.calib)[1]:
+            check_text_file(options.calib, "calibration", "--calib")
+        device = resolve_device((options.devices or [None])[0])
+        element = torch.tensor([], dtype=compute_dtype(m.config, device)).element_size()
+        store = m.n_blocks * options.n_samples * options.seqlen * m.config.hidden_size * element
+        check_disk(os.path.join(options.work_dir or default_work_dir(out), "activations"), store)
+    if options.eval_text:
+        check_text_file(options.eval_text, "evaluation text", "--eval-text")
+
+
+def check_text_file(path: str, what: str, flag: str) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} file {path} does not exist: pass an existing file to {flag}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{what} file {path} is empty: pass a file with text to {flag}")
+
+
+def quiet_prefect_errors() -> None:
+    """Prefect prints a failed task's traceback on the terminal before the CLI's one-line message: keep
+    Prefect's errors off the console handlers (its API handler still sends them to a server's UI)."""
+    import logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("prefect") and record.levelno >= logging.ERROR)
+
+    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in logging.root.manager.loggerDict
+                                       if n.startswith("prefect")]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, logging.StreamHandler):
+                handler.addFilter(keep)
+
+
+def _die_with_parent() -> None:
+    """In the server's child process, before exec: Linux sends it SIGTERM when the CLI process ends,
+    however it ends (SIGKILL and OOM kills included, which run no cleanup)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@contextmanager
+def prefect_session(startup_timeout: int = 180, debug: bool = False):
+    """The Prefect API for one CLI run. With PREFECT_API_URL set, the user's server. Otherwise a
+    temporary server owned by this process: it cannot outlive it, it gets a startup timeout that a
+    loaded machine meets, and concurrent runs start theirs one at a time (the first start creates the
+    shared database; two at once race on it)."""
+    import fcntl
+
+    import prefect.server.api.server as server_module
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    if not debug:
+        quiet_prefect_errors()
+    if PREFECT_API_URL.value():
+        yield
+        return
+    real_popen = server_module.subprocess.Popen
+
+    def popen(*args, **kwargs):
+        return real_popen(*args, preexec_fn=_die_with_parent, **kwargs)
+
+    home = PREFECT_HOME.value()
+    home.mkdir(parents=True, exist_ok=True)
+    server = server_module.SubprocessASGIServer()
+    with open(home / "awqflow-server.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        server_module.subprocess.Popen = popen
+        try:
+            server.start(timeout=startup_timeout)
+        finally:
+            server_module.subprocess.Popen = real_popen
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            try:
+                yield
+            finally:
+                APILogWorker.drain_all(timeout=5)  # the run's last log lines reach the server before it stops
+    finally:
+        server.stop()
+
+
+def report_error(e: BaseException) -> None:
+    """At most three lines on stderr naming the problem (and its fix), then exit 1."""
+    from pydantic import ValidationError
+
+    from awqflow.options import describe_error
+
+    if isinstance(e, ValidationError):
+        text = describe_error(e)
+    elif isinstance(e, KeyError) and e.args:
+        text = str(e.args[0])
+    elif isinstance(e, (ValueError, OSError, RuntimeError, FloatingPointError)):
+        text = str(e) or type(e).__name__
+    else:  # not a known bad input: say what it was and where to look
+        text = f"{type(e).__name__}: {e}\nrerun with --debug for the traceback"
+    lines = [line for line in text.splitlines() if line.strip()][:3] or [type(e).__name__]
+    lines[0] = f"awqflow: error: {lines[0]}"
+    print("\n".join(lines), file=sys.stderr)
+    sys.exit(1)
