@@ -33,4 +33,6 @@ quickstart: venv
 # tests/test_ui.py drives Debian's Chromium (CI runs as root on Debian)
 test: venv
 	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q -p no:cacheprovider

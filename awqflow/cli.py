@@ -13,8 +13,12 @@ import typing
 from contextlib import contextmanager
 
 # AutoAWQ's quant_config names, accepted beside ours
-ALIASES = {"w_bit": ["--w_bit"], "group_size": ["--q-group-size", "--q_group_size"],
-           "zero_point": ["--zero_point"], "format": ["--version"]}
+ALIASES = {
+    "w_bit": ["--w_bit"],
+    "group_size": ["--q-group-size", "--q_group_size"],
+    "zero_point": ["--zero_point"],
+    "format": ["--version"],
+}
 
 
 def flag(name: str) -> str:
@@ -50,8 +54,14 @@ def add_option_flags(p: argparse.ArgumentParser, options_type) -> None:
         extra = {"action": action} if action else {"type": kind}
         if choices:
             extra["metavar"] = "{" + ",".join(map(str, choices)) + "}"
-        p.add_argument(flag(name), *ALIASES.get(name, []), dest=name, default=argparse.SUPPRESS,
-                       help=f"{field.description} (default: {field.default})", **extra)
+        p.add_argument(
+            flag(name),
+            *ALIASES.get(name, []),
+            dest=name,
+            default=argparse.SUPPRESS,
+            help=f"{field.description} (default: {field.default})",
+            **extra,
+        )
 
 
 def options_from(args: argparse.Namespace):
@@ -91,7 +101,11 @@ def cmd_ppl(a) -> None:
 
     r = evaluate(a.model, a.text, a.seqlen, a.device, reference=a.reference)
     kl = f", mean KL to {a.reference} {r['kl']:.5f}" if "kl" in r else ""
-    print(json.dumps(r) if a.json else f"ppl {r['ppl']:.4f}{kl} over {r['tokens']} tokens ({r['windows']} x {r['seqlen']})")
+    print(
+        json.dumps(r)
+        if a.json
+        else f"ppl {r['ppl']:.4f}{kl} over {r['tokens']} tokens ({r['windows']} x {r['seqlen']})"
+    )
 
 
 def cmd_check(a) -> None:

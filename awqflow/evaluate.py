@@ -11,8 +11,9 @@ from awqflow.stages.perplexity import eval_windows, perplexity
 from awqflow.storage.checkpoint import read_config_json
 
 
-def evaluate(model_dir: str, text_file: str, seqlen: int | None = None, device: str | None = None,
-             reference: str | None = None) -> dict:
+def evaluate(
+    model_dir: str, text_file: str, seqlen: int | None = None, device: str | None = None, reference: str | None = None
+) -> dict:
     """{ppl, nll, tokens, windows, seqlen}, and kl (mean over the predicted tokens) to the model in the
     `reference` folder when given."""
     config = read_config_json(model_dir)

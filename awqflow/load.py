@@ -1,5 +1,6 @@
 """Load a model for evaluation: an FP checkpoint through transformers, an awqflow 4-bit checkpoint
-(GEMM or compressed-tensors) through the project's own QuantLinear (transformers' AWQ path needs a GPU-oriented backend)."""
+(GEMM or compressed-tensors) through the project's own QuantLinear (transformers' AWQ path needs a
+GPU-oriented backend)."""
 
 import torch
 from torch import nn
@@ -28,8 +29,10 @@ def load_model(model_dir: str, device="cpu", dtype: torch.dtype | None = None) -
     weights = quant.get("config_groups", {}).get("group_0", {}).get("weights", {})
     if method == "compressed-tensors" and quant.get("format") == "pack-quantized" and weights.get("num_bits") == 4:
         return load_packed(model_dir, device, dtype, weights.get("group_size") or -1, export_ct.to_gemm)
-    raise ValueError(f"{model_dir}: only 4-bit AWQ GEMM and compressed-tensors pack-quantized checkpoints "
-                     f"can be loaded here, got {quant}")
+    raise ValueError(
+        f"{model_dir}: only 4-bit AWQ GEMM and compressed-tensors pack-quantized checkpoints "
+        f"can be loaded here, got {quant}"
+    )
 
 
 def load_packed(model_dir: str, device, dtype: torch.dtype, group: int, to_gemm=None) -> nn.Module:
@@ -47,8 +50,13 @@ def load_packed(model_dir: str, device, dtype: torch.dtype, group: int, to_gemm=
         if name.endswith(".qweight"):
             path = name[: -len(".qweight")]
             lin = model.get_submodule(path)
-            set_module(model, path, QuantLinear(lin.in_features, lin.out_features, group,
-                                                lin.bias is not None, device="meta", dtype=torch.float16))
+            set_module(
+                model,
+                path,
+                QuantLinear(
+                    lin.in_features, lin.out_features, group, lin.bias is not None, device="meta", dtype=torch.float16
+                ),
+            )
     model.to_empty(device=device)
     init_buffers(model, model._init_weights)
     missing, unexpected = model.load_state_dict(

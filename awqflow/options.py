@@ -16,10 +16,13 @@ from awqflow.stages.quantize import QuantConfig
 class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: str = Field("awq", description=f"quantization method: {', '.join(METHODS)}",
-                        json_schema_extra={"enum": list(METHODS)})
+    method: str = Field(
+        "awq", description=f"quantization method: {', '.join(METHODS)}", json_schema_extra={"enum": list(METHODS)}
+    )
     w_bit: Literal[4, 3] = Field(4, description="4 (AutoAWQ GEMM checkpoint) or 3 (fake-quant checkpoint)")
-    group_size: Literal[128, 64, 32, -1] = Field(128, description="input channels per quantization group; -1: whole row")
+    group_size: Literal[128, 64, 32, -1] = Field(
+        128, description="input channels per quantization group; -1: whole row"
+    )
     zero_point: bool = Field(True, description="asymmetric quantization with zero points, or symmetric")
     calib: str = Field("pileval", description="calibration text: local .txt/.jsonl/.parquet file or datasets name")
     text_field: str = Field("text", description="text field of .jsonl/.parquet/datasets calibration data")
@@ -30,17 +33,23 @@ class Options(BaseModel):
     duo_scaling: bool = Field(True, description="s = x_mean^a / w_mean^(1-a); off: s = x_mean^a")
     n_grid: int = Field(20, ge=1, description="alpha grid points of the scale search")
     mode: Literal["parallel", "sequential"] = Field(
-        "parallel", description="parallel: every block searched on FP inputs (AutoAWQ); "
-                                "sequential: on the quantized previous blocks' outputs (llm-compressor)")
+        "parallel",
+        description="parallel: every block searched on FP inputs (AutoAWQ); "
+        "sequential: on the quantized previous blocks' outputs (llm-compressor)",
+    )
     format: Literal["awq-gemm", "compressed-tensors"] = Field(
-        "awq-gemm", description="checkpoint layout: AutoAWQ GEMM or compressed-tensors pack-quantized")
-    devices: list[str] | None = Field(None, description="device pool, one block per device at a time "
-                                                         "(default: cuda if present, else cpu)")
+        "awq-gemm", description="checkpoint layout: AutoAWQ GEMM or compressed-tensors pack-quantized"
+    )
+    devices: list[str] | None = Field(
+        None, description="device pool, one block per device at a time (default: cuda if present, else cpu)"
+    )
     task_runner: Literal["threads", "dask", "ray"] = Field(
-        "threads", description="where block tasks run: threads here, or a Dask / Ray cluster")
+        "threads", description="where block tasks run: threads here, or a Dask / Ray cluster"
+    )
     work_dir: str | None = Field(None, description="activations and block-result cache (default: OUT.work)")
-    eval_text: str | None = Field(None, description="text file: after quantizing, report FP / RTN / quantized "
-                                                     "perplexity and KL on it")
+    eval_text: str | None = Field(
+        None, description="text file: after quantizing, report FP / RTN / quantized perplexity and KL on it"
+    )
     eval_seqlen: int | None = Field(None, ge=2, description="evaluation window (default: model max, <= 2048)")
 
     @field_validator("method")

@@ -50,8 +50,11 @@ class Plan:
 
     def block_key(self, index: int) -> str:
         o, method = self.options, self.method
-        parts = {"method": method.name, "quant": [o.w_bit, o.group_size, o.zero_point],
-                 **{name: getattr(o, name) for name in method.options}}
+        parts = {
+            "method": method.name,
+            "quant": [o.w_bit, o.group_size, o.zero_point],
+            **{name: getattr(o, name) for name in method.options},
+        }
         if method.needs_inputs:
             parts.update(mode=o.mode, calibration=self.calib_fp)
         return key("block", self.model_fp, index, parts, self.code_fp)
@@ -94,8 +97,9 @@ def plan(model_dir: str, options: Options) -> Plan:
 
 def calibrate(p: Plan) -> tuple[torch.Tensor, Plan]:
     o = p.options
-    windows = calibration_windows(o.calib, AutoTokenizer.from_pretrained(p.model_dir), o.n_samples, o.seqlen,
-                                  o.text_field, o.seed)
+    windows = calibration_windows(
+        o.calib, AutoTokenizer.from_pretrained(p.model_dir), o.n_samples, o.seqlen, o.text_field, o.seed
+    )
     return windows, replace(p, calib_fp=tensor_fingerprint(windows))
 
 
@@ -108,8 +112,10 @@ def capture(p: Plan, windows: torch.Tensor, store_path: str, device: str | None 
     expected = {"model": p.model_fp, "calibration": p.calib_fp, "dtype": str(dtype)}
     found = {k: store.meta.get(k) for k in expected}
     if any(found.values()) and found != expected:
-        raise ValueError(f"activation store {store_path} was captured for {found}, not {expected}: "
-                         f"use another --work-dir or delete it")
+        raise ValueError(
+            f"activation store {store_path} was captured for {found}, not {expected}: "
+            f"use another --work-dir or delete it"
+        )
     store.set_meta(**expected)
     element = torch.tensor([], dtype=dtype).element_size()
     check_disk(store_path, p.n_blocks * windows.numel() * m.config.hidden_size * element - store.nbytes())
@@ -125,8 +131,10 @@ def check_disk(path: str, needed: int) -> None:
         existing = os.path.dirname(existing)
     free = shutil.disk_usage(existing).free
     if needed > 0 and needed > free * 0.95:
-        raise OSError(f"not enough disk for the activation store: {needed / 2**30:.2f} GiB needed, "
-                      f"{free / 2**30:.2f} GiB free in {folder}; use --work-dir on a bigger disk or fewer --n-samples")
+        raise OSError(
+            f"not enough disk for the activation store: {needed / 2**30:.2f} GiB needed, "
+            f"{free / 2**30:.2f} GiB free in {folder}; use --work-dir on a bigger disk or fewer --n-samples"
+        )
 
 
 def quantize_block(p: Plan, index: int, store_path: str | None, device: str | None = None):
@@ -182,7 +190,9 @@ def load_fake_quant(block, tensors: dict) -> None:
     with torch.no_grad():
         for name, lin in linears_of(block).items():
             if f"{name}.qweight" in tensors:
-                w = dequantize_gemm(tensors[f"{name}.qweight"], tensors[f"{name}.qzeros"], tensors[f"{name}.scales"]).t()
+                w = dequantize_gemm(
+                    tensors[f"{name}.qweight"], tensors[f"{name}.qzeros"], tensors[f"{name}.scales"]
+                ).t()
             else:  # 3-bit fake-quant weights, or a linear kept in full precision (MoE router)
                 w = tensors[f"{name}.weight"]
             lin.weight.copy_(w.to(lin.weight.dtype))
@@ -200,10 +210,18 @@ def save(p: Plan, out_dir: str, cache_url: str) -> list[str]:
 
     meta = p.options.model_dump(exclude=EXECUTION_OPTIONS)
     meta.update(model_fingerprint=p.model_fp, calibration_fingerprint=p.calib_fp)
-    return save_checkpoint(p.model_dir, out_dir, blocks(), arch.blocks, p.options.quant, p.options.method,
-                           arch.not_converted, extra_meta=meta,
-                           unquantized=tuple(arch.checkpoint_name(m) for m in arch.unquantized),
-                           fmt=p.options.format)
+    return save_checkpoint(
+        p.model_dir,
+        out_dir,
+        blocks(),
+        arch.blocks,
+        p.options.quant,
+        p.options.method,
+        arch.not_converted,
+        extra_meta=meta,
+        unquantized=tuple(arch.checkpoint_name(m) for m in arch.unquantized),
+        fmt=p.options.format,
+    )
 
 
 def checkpoint_bytes(model_dir: str) -> int:
@@ -270,9 +288,15 @@ def run(model: str, out: str, options: Options, runner=None) -> dict:
     else:
         if p.method.needs_inputs:
             with timed(timings, "capture"):
-                store_path = runner.stage("capture", capture, p, windows,
-                                          os.path.join(work, f"activations-{p.calib_fp}.zarr"), devices[0],
-                                          progress=runner.progress("capture", p.n_blocks))
+                store_path = runner.stage(
+                    "capture",
+                    capture,
+                    p,
+                    windows,
+                    os.path.join(work, f"activations-{p.calib_fp}.zarr"),
+                    devices[0],
+                    progress=runner.progress("capture", p.n_blocks),
+                )
         with timed(timings, "blocks"):
             stats = runner.blocks(p, cache_url, store_path, devices)
     with timed(timings, "save"):
@@ -288,8 +312,22 @@ def run(model: str, out: str, options: Options, runner=None) -> dict:
             checkpoints[o.method.upper()] = out
             # one after another: each evaluation already uses every core (or the whole GPU)
             for label, path in checkpoints.items():
-                table[label] = runner.stage(f"evaluate-{label}", evaluate, path, o.eval_text, o.eval_seqlen,
-                                            devices[0], reference=None if label == "FP" else model)
+                table[label] = runner.stage(
+                    f"evaluate-{label}",
+                    evaluate,
+                    path,
+                    o.eval_text,
+                    o.eval_seqlen,
+                    devices[0],
+                    reference=None if label == "FP" else model,
+                )
     timings["total"] = time.perf_counter() - t0
-    return {"out": out, "files": files, "bytes": sum(os.path.getsize(f) for f in files), "timings": timings,
-            "stats": stats, "perplexity": table, "plan": p}
+    return {
+        "out": out,
+        "files": files,
+        "bytes": sum(os.path.getsize(f) for f in files),
+        "timings": timings,
+        "stats": stats,
+        "perplexity": table,
+        "plan": p,
+    }

@@ -47,8 +47,9 @@ def quiet_prefect_errors() -> None:
     def keep(record: logging.LogRecord) -> bool:
         return not (record.name.startswith("prefect") and record.levelno >= logging.ERROR)
 
-    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in logging.root.manager.loggerDict
-                                       if n.startswith("prefect")]
+    loggers = [logging.getLogger()] + [
+        logging.getLogger(n) for n in logging.root.manager.loggerDict if n.startswith("prefect")
+    ]
     for logger in loggers:
         for handler in getattr(logger, "handlers", []):
             if isinstance(handler, logging.StreamHandler):

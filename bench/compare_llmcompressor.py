@@ -24,8 +24,9 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from awqflow import pipeline  # noqa: E402
-from awqflow.stages.calibration import calibration_windows  # noqa: E402
 from awqflow.load import load_model  # noqa: E402
+from awqflow.options import Options  # noqa: E402
+from awqflow.stages.calibration import calibration_windows  # noqa: E402
 from awqflow.stages.perplexity import eval_windows, perplexity  # noqa: E402
 from awqflow.storage.fingerprint import tensor_fingerprint  # noqa: E402
 
@@ -36,17 +37,36 @@ LLMC_PY = os.path.join(ROOT, ".bench-envs", "llmcompressor", "bin", "python")
 def ours(model, tmp, windows_eval, label, **opts):
     out = f"{tmp}/{label}"
     t = time.perf_counter()
-    pipeline.quantize_model(model, out, pipeline.Options(**opts), work_dir=f"{tmp}/work", log=lambda m: None)
+    pipeline.run(model, out, Options(work_dir=f"{tmp}/work", **opts))
     seconds = time.perf_counter() - t
     return {"ppl": perplexity(load_model(out), windows_eval)["ppl"], "seconds": seconds}
 
 
 def theirs(model, tmp, method, w_bit, group):
     out = f"{tmp}/llmc-{method}-{w_bit}-{group}.json"
-    subprocess.run([LLMC_PY, os.path.join(ROOT, "bench", "llmcompressor_worker.py"), "--model", model,
-                    "--calib-windows", f"{tmp}/calib.pt", "--eval-windows", f"{tmp}/eval.pt", "--method", method,
-                    "--w-bit", str(w_bit), "--group-size", str(group), "--out", out],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            LLMC_PY,
+            os.path.join(ROOT, "bench", "llmcompressor_worker.py"),
+            "--model",
+            model,
+            "--calib-windows",
+            f"{tmp}/calib.pt",
+            "--eval-windows",
+            f"{tmp}/eval.pt",
+            "--method",
+            method,
+            "--w-bit",
+            str(w_bit),
+            "--group-size",
+            str(group),
+            "--out",
+            out,
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     with open(out) as f:
         r = json.load(f)
     return {"ppl": r["ppl"], "seconds": r["quant_seconds"], "version": r.get("llmcompressor_version")}
@@ -78,27 +98,47 @@ def main():
     for cfg in a.configs.split(","):
         w_bit, group = map(int, cfg.split(":"))
         q = dict(w_bit=w_bit, group_size=group)
-        row = {"w_bit": w_bit, "group_size": group, "fp": fp,
-               "rtn": ours(a.model, tmp, ev, f"rtn-{cfg}", method="rtn", **q, **common),
-               "awqflow_awq": ours(a.model, tmp, ev, f"awq-{cfg}", **q, **common),
-               "awqflow_awq_noclip": ours(a.model, tmp, ev, f"awqnc-{cfg}", clip=False, **q, **common),
-               "llmc_awq": theirs(a.model, tmp, "awq", w_bit, group),
-               "llmc_gptq": theirs(a.model, tmp, "gptq", w_bit, group)}
+        row = {
+            "w_bit": w_bit,
+            "group_size": group,
+            "fp": fp,
+            "rtn": ours(a.model, tmp, ev, f"rtn-{cfg}", method="rtn", **q, **common),
+            "awqflow_awq": ours(a.model, tmp, ev, f"awq-{cfg}", **q, **common),
+            "awqflow_awq_noclip": ours(a.model, tmp, ev, f"awqnc-{cfg}", clip=False, **q, **common),
+            "llmc_awq": theirs(a.model, tmp, "awq", w_bit, group),
+            "llmc_gptq": theirs(a.model, tmp, "gptq", w_bit, group),
+        }
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
 
     cols = ["rtn", "awqflow_awq", "awqflow_awq_noclip", "llmc_awq", "llmc_gptq"]
-    print(f"\nbundled model, FP ppl {fp:.3f}; {ev.shape[0]} eval windows x {a.seqlen}; "
-          f"calibration {a.n_samples} x {a.seqlen}; ppl (quantization seconds)")
+    print(
+        f"\nbundled model, FP ppl {fp:.3f}; {ev.shape[0]} eval windows x {a.seqlen}; "
+        f"calibration {a.n_samples} x {a.seqlen}; ppl (quantization seconds)"
+    )
     print("| w | g | " + " | ".join(cols) + " |\n|---|---|" + "---|" * len(cols))
     for r in rows:
-        print(f"| {r['w_bit']} | {r['group_size']} | " +
-              " | ".join(f"{r[c]['ppl']:.3f} ({r[c]['seconds']:.0f} s)" for c in cols) + " |")
+        print(
+            f"| {r['w_bit']} | {r['group_size']} | "
+            + " | ".join(f"{r[c]['ppl']:.3f} ({r[c]['seconds']:.0f} s)" for c in cols)
+            + " |"
+        )
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
-        json.dump({"date": time.strftime("%Y-%m-%d"), "cpu_cores": os.cpu_count(), "n_samples": a.n_samples,
-                   "seqlen": a.seqlen, "calib_fingerprint": tensor_fingerprint(calib),
-                   "eval_fingerprint": tensor_fingerprint(ev), "fp_ppl": fp, "rows": rows}, f, indent=2)
+        json.dump(
+            {
+                "date": time.strftime("%Y-%m-%d"),
+                "cpu_cores": os.cpu_count(),
+                "n_samples": a.n_samples,
+                "seqlen": a.seqlen,
+                "calib_fingerprint": tensor_fingerprint(calib),
+                "eval_fingerprint": tensor_fingerprint(ev),
+                "fp_ppl": fp,
+                "rows": rows,
+            },
+            f,
+            indent=2,
+        )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,11 @@ def parse_args():
     p.add_argument("--group", type=int, default=128, choices=(32, 64, 128))
     p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"))
     p.add_argument("--iters", type=int, default=50, help="timed calls per measurement")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="replay each call from a CUDA graph (removes Python launch overhead, as in serving)")
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="replay each call from a CUDA graph (removes Python launch overhead, as in serving)",
+    )
     p.add_argument("--show-configs", action="store_true", help="print the autotuner's pick per shape")
     return p.parse_args()
 
@@ -71,8 +74,8 @@ class Timer:
 def random_layer(k, n, group, dtype):
     """Random packed int4 weight (timing only: any bits are valid codes) and a dense fp16 twin."""
     gen = torch.Generator(device="cuda").manual_seed(0)
-    qweight = torch.randint(-2**31, 2**31 - 1, (k, n // 8), dtype=torch.int32, device="cuda", generator=gen)
-    qzeros = torch.randint(-2**31, 2**31 - 1, (k // group, n // 8), dtype=torch.int32, device="cuda", generator=gen)
+    qweight = torch.randint(-(2**31), 2**31 - 1, (k, n // 8), dtype=torch.int32, device="cuda", generator=gen)
+    qzeros = torch.randint(-(2**31), 2**31 - 1, (k // group, n // 8), dtype=torch.int32, device="cuda", generator=gen)
     scales = (torch.rand(k // group, n, device="cuda", generator=gen) * 0.01 + 1e-3).half()
     dense = torch.randn(k, n, device="cuda", dtype=dtype, generator=gen) * 0.02
     return qweight, qzeros, scales, dense
@@ -92,8 +95,10 @@ def check(fn, x, qweight, qzeros, scales, group):
 def main():
     args = parse_args()
     if not torch.cuda.is_available():
-        sys.exit("bench/kernel.py needs a CUDA GPU (torch.cuda.is_available() is False); "
-                 "on CPU run the correctness tests instead: pytest tests/test_kernels.py")
+        sys.exit(
+            "bench/kernel.py needs a CUDA GPU (torch.cuda.is_available() is False); "
+            "on CPU run the correctness tests instead: pytest tests/test_kernels.py"
+        )
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("unset TRITON_INTERPRET: it would time the Triton interpreter, not compiled kernels")
 
@@ -109,36 +114,48 @@ def main():
     kernels = {"splitk": splitk_mod.w4a16_splitk, "gemm": gemm_mod.w4a16_gemm}
     tuned = {"splitk": splitk_mod._splitk_tuned, "gemm": gemm_mod._gemm_tuned}
 
-    print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
-          f"x {args.dtype} | group {args.group} | L2 flushed | median of {args.iters}"
-          + (" | CUDA graphs" if args.cuda_graph else ""))
-    header = (f"{'model':>5} {'K':>6} {'N':>6} {'M':>5} | {'fp16 us':>9} {'GB/s':>6} | "
-              f"{'splitK us':>9} {'x fp16':>6} | {'GEMM us':>9} {'x fp16':>6} | "
-              f"{'path':>6} {'x fp16':>6} {'GB/s':>6} {'TFLOP/s':>7}")
+    print(
+        f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
+        f"x {args.dtype} | group {args.group} | L2 flushed | median of {args.iters}"
+        + (" | CUDA graphs" if args.cuda_graph else "")
+    )
+    header = (
+        f"{'model':>5} {'K':>6} {'N':>6} {'M':>5} | {'fp16 us':>9} {'GB/s':>6} | "
+        f"{'splitK us':>9} {'x fp16':>6} | {'GEMM us':>9} {'x fp16':>6} | "
+        f"{'path':>6} {'x fp16':>6} {'GB/s':>6} {'TFLOP/s':>7}"
+    )
     print(header)
     print("-" * len(header))
     for model in args.models.split(","):
         for k, n in SHAPES[model]:
             qweight, qzeros, scales, dense = random_layer(k, n, args.group, dtype)
             int4_bytes = qweight.numel() * 4 + qzeros.numel() * 4 + scales.numel() * 2
-            errs = {name: check(fn, torch.randn(16, k, device="cuda", dtype=dtype), qweight, qzeros, scales,
-                                args.group) for name, fn in kernels.items()}
+            errs = {
+                name: check(fn, torch.randn(16, k, device="cuda", dtype=dtype), qweight, qzeros, scales, args.group)
+                for name, fn in kernels.items()
+            }
             for m in ms:
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 t_fp16 = timer(lambda: x @ dense, args.cuda_graph)
-                t = {name: timer(lambda fn=fn: fn(x, qweight, qzeros, scales, args.group), args.cuda_graph)
-                     for name, fn in kernels.items()}
+                t = {
+                    name: timer(lambda fn=fn: fn(x, qweight, qzeros, scales, args.group), args.cuda_graph)
+                    for name, fn in kernels.items()
+                }
                 if args.show_configs:
                     picks = {name: tuned[name].best_config for name in kernels}
                 path = "splitk" if m <= SPLITK_MAX_M else "gemm"
-                print(f"{model:>5} {k:>6} {n:>6} {m:>5} | {t_fp16:9.1f} {2 * k * n / t_fp16 / 1e3:6.0f} | "
-                      f"{t['splitk']:9.1f} {t_fp16 / t['splitk']:6.2f} | {t['gemm']:9.1f} {t_fp16 / t['gemm']:6.2f} | "
-                      f"{path:>6} {t_fp16 / t[path]:6.2f} {int4_bytes / t[path] / 1e3:6.0f} "
-                      f"{2 * m * k * n / t[path] / 1e6:7.2f}")
+                print(
+                    f"{model:>5} {k:>6} {n:>6} {m:>5} | {t_fp16:9.1f} {2 * k * n / t_fp16 / 1e3:6.0f} | "
+                    f"{t['splitk']:9.1f} {t_fp16 / t['splitk']:6.2f} | {t['gemm']:9.1f} {t_fp16 / t['gemm']:6.2f} | "
+                    f"{path:>6} {t_fp16 / t[path]:6.2f} {int4_bytes / t[path] / 1e3:6.0f} "
+                    f"{2 * m * k * n / t[path] / 1e6:7.2f}"
+                )
                 if args.show_configs:
                     print(f"{'':>26}configs: " + "; ".join(f"{name} {cfg}" for name, cfg in picks.items()))
-            print(f"{'':>26}max rel. error vs reference (M=16): "
-                  + ", ".join(f"{name} {e:.1e}" for name, e in errs.items()))
+            print(
+                f"{'':>26}max rel. error vs reference (M=16): "
+                + ", ".join(f"{name} {e:.1e}" for name, e in errs.items())
+            )
             del qweight, qzeros, scales, dense
             torch.cuda.empty_cache()
 

@@ -17,6 +17,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from awqflow import pipeline
+from awqflow.options import Options
 
 
 def build_model(path: str, config: LlamaConfig, device: str) -> None:
@@ -42,20 +43,32 @@ def main():
     if not a.tiny and not torch.cuda.is_available():
         raise SystemExit("bench/quantize_7b.py needs a CUDA GPU (or --tiny for a CPU plumbing check)")
     if a.tiny:
-        config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=4, vocab_size=32000)
+        config = LlamaConfig(
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=32000,
+        )
         a.n_samples, a.seqlen = 8, 128
     else:
-        config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=a.layers,
-                             num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-                             max_position_embeddings=4096)
+        config = LlamaConfig(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=a.layers,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32000,
+            max_position_embeddings=4096,
+        )
     model_dir = os.path.join(a.work, "model")
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         t = time.perf_counter()
         build_model(model_dir, config, device)
         print(f"built the random {config.num_hidden_layers}-layer model in {time.perf_counter() - t:.0f} s")
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(977)} | {"<unk>": 977}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -63,21 +76,32 @@ def main():
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    opts = pipeline.Options(calib=os.path.join(model_dir, "calib.txt"), n_samples=a.n_samples, seqlen=a.seqlen)
+    opts = Options(
+        calib=os.path.join(model_dir, "calib.txt"),
+        n_samples=a.n_samples,
+        seqlen=a.seqlen,
+        devices=[device],
+        work_dir=os.path.join(a.work, "work"),
+    )
     t0 = time.perf_counter()
     # timestamps on every line: a run cut short by a time limit still shows how far it got, how fast
-    result = pipeline.quantize_model(model_dir, os.path.join(a.work, "awq"), opts, device=device,
-                                     log=lambda m: print(f"[{time.perf_counter() - t0:6.1f} s] {m}", flush=True))
+    log = lambda m: print(f"[{time.perf_counter() - t0:6.1f} s] {m}", flush=True)  # noqa: E731
+    result = pipeline.run(model_dir, os.path.join(a.work, "awq"), opts, pipeline.LocalRunner(log))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     h, kv = config.hidden_size, config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
     block_bytes = (2 * h * h + 2 * h * kv + 3 * h * config.intermediate_size) * 2  # q, o + k, v + MLP, fp16
     acts = a.n_samples * a.seqlen * h * 2
-    print(f"\n{config.num_hidden_layers} layers, hidden {config.hidden_size}, {a.n_samples} x {a.seqlen} calibration tokens")
+    print(
+        f"\n{config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+        f"{a.n_samples} x {a.seqlen} calibration tokens"
+    )
     print("| stage | seconds |\n|---|---|")
     for k, v in result["timings"].items():
         print(f"| {k} | {v:.1f} |")
-    print(f"peak GPU memory {peak:.2f} GiB (one fp16 block ~{block_bytes / 2**30:.2f} GiB, "
-          f"its calibration input ~{acts / 2**30:.2f} GiB)")
+    print(
+        f"peak GPU memory {peak:.2f} GiB (one fp16 block ~{block_bytes / 2**30:.2f} GiB, "
+        f"its calibration input ~{acts / 2**30:.2f} GiB)"
+    )
 
 
 if __name__ == "__main__":

@@ -11,8 +11,12 @@ import threading
 from contextlib import contextmanager
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
-                               update_progress_artifact)
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -74,8 +78,9 @@ def terminal_bar(enabled: bool, total: int, desc: str):
 
 
 @flow(name="awq-blocks")
-def blocks_flow(p: pipeline.Plan, cache_url: str, store_path: str | None, devices: tuple[str, ...],
-                progress: bool = False) -> dict:
+def blocks_flow(
+    p: pipeline.Plan, cache_url: str, store_path: str | None, devices: tuple[str, ...], progress: bool = False
+) -> dict:
     artifact = create_progress_artifact(progress=0.0, key="awq-blocks", description=f"blocks of {p.model_dir}")
     futures = {block_task.submit(p, i, cache_url, store_path, devices): i for i in range(p.n_blocks)}
     stats = {}
@@ -121,18 +126,33 @@ def awq(model: str, out: str, options: Options = Options(), progress: bool = Fal
     get_run_logger().info("wrote %s (%.1f MiB)", out, result["bytes"] / 2**20)
     method, stats = result["plan"].method, result["stats"]
     if method.table is not None:
-        create_table_artifact(key=f"{method.name}-scale-stats", table=method.table(stats),
-                              description=f"per-layer {method.name.upper()} scale statistics")
+        create_table_artifact(
+            key=f"{method.name}-scale-stats",
+            table=method.table(stats),
+            description=f"per-layer {method.name.upper()} scale statistics",
+        )
     pictures = write_plots(stats, plots.report_dir(out))
     work = options.work_dir or pipeline.default_work_dir(out)
-    report_args = (model, out, options, pipeline.checkpoint_bytes(model), result["bytes"], result["timings"],
-                   result["perplexity"])
+    report_args = (
+        model,
+        out,
+        options,
+        pipeline.checkpoint_bytes(model),
+        result["bytes"],
+        result["timings"],
+        result["perplexity"],
+    )
     work_used = (work, pipeline.folder_bytes(work))
     report = markdown_report(*report_args, pictures=pictures, work=work_used)
     # The UI shows images embedded as data: URLs (it cannot read files on this machine); the returned
     # report (printed by the CLI) points at the files instead.
-    create_markdown_artifact(key="awq-report", description="AWQ run report", markdown=markdown_report(
-        *report_args, pictures={title: plots.data_uri(path) for title, path in pictures.items()}, work=work_used))
+    create_markdown_artifact(
+        key="awq-report",
+        description="AWQ run report",
+        markdown=markdown_report(
+            *report_args, pictures={title: plots.data_uri(path) for title, path in pictures.items()}, work=work_used
+        ),
+    )
     return {**{k: v for k, v in result.items() if k != "plan"}, "report": report, "plots": pictures}
 
 

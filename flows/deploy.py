@@ -38,15 +38,22 @@ def parse_param(text: str) -> tuple[str, object]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m awqflow.flows.deploy", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m awqflow.flows.deploy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--checkpoints", help="folder of checkpoints the watch deployment scans")
     ap.add_argument("--output-root", help="where the watch deployment writes quantized checkpoints and its ledger")
     when = ap.add_mutually_exclusive_group()
     when.add_argument("--interval", type=float, metavar="SECONDS", help="run requantize/watch every SECONDS")
     when.add_argument("--cron", metavar="EXPR", help='run requantize/watch on a cron schedule, e.g. "*/15 * * * *"')
-    ap.add_argument("--param", type=parse_param, action="append", default=[], metavar="KEY=VALUE",
-                    help="default flow parameter (repeatable)")
+    ap.add_argument(
+        "--param",
+        type=parse_param,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="default flow parameter (repeatable)",
+    )
     ap.add_argument("--limit", type=int, default=None, help="at most this many concurrent flow runs in this process")
     return ap
 
@@ -66,14 +73,25 @@ def deployments(args):
         given = {k: v for k, v in defaults.items() if k in accepted[f]}
         return {**given, **extra, **({"options": options} if options else {})}
 
-    watch_params = params(requantize, **{k: v for k, v in (("checkpoints", args.checkpoints),
-                                                           ("output_root", args.output_root)) if v})
+    watch_params = params(
+        requantize, **{k: v for k, v in (("checkpoints", args.checkpoints), ("output_root", args.output_root)) if v}
+    )
     # Module-path entrypoints: runs import awqflow.flows.* from the installed package, whatever the cwd.
-    quantize = awq.to_deployment(name="quantize", parameters=params(awq), entrypoint_type=EntrypointType.MODULE_PATH,
-                                 description="Quantize one checkpoint: -p model=DIR -p out=DIR")
-    watch = requantize.to_deployment(name="watch", parameters=watch_params, interval=args.interval, cron=args.cron,
-                                     concurrency_limit=1, entrypoint_type=EntrypointType.MODULE_PATH,
-                                     description="Quantize new or changed checkpoints of a folder")
+    quantize = awq.to_deployment(
+        name="quantize",
+        parameters=params(awq),
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        description="Quantize one checkpoint: -p model=DIR -p out=DIR",
+    )
+    watch = requantize.to_deployment(
+        name="watch",
+        parameters=watch_params,
+        interval=args.interval,
+        cron=args.cron,
+        concurrency_limit=1,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        description="Quantize new or changed checkpoints of a folder",
+    )
     return [quantize, watch]
 
 

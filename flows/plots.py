@@ -73,17 +73,35 @@ def scale_boxplot(stats: dict, path: str) -> str | None:
         boxes, positions, widths = [], [], []
         for block, items in sorted(by_type[t].items()):
             n = len(items)
-            for k, (group, g, q) in enumerate(items):
-                boxes.append({"whislo": q[1], "q1": q[2], "med": q[3], "q3": q[4], "whishi": q[5],
-                              "fliers": [q[0], q[6]], "mean": g.get("scale_mean", q[3])})
+            for k, (_group, g, q) in enumerate(items):
+                boxes.append(
+                    {
+                        "whislo": q[1],
+                        "q1": q[2],
+                        "med": q[3],
+                        "q3": q[4],
+                        "whishi": q[5],
+                        "fliers": [q[0], q[6]],
+                        "mean": g.get("scale_mean", q[3]),
+                    }
+                )
                 positions.append(block + (k - (n - 1) / 2) * 0.8 / n)
                 widths.append(0.6 / n)
         color = COLORS[t]
-        ax.bxp(boxes, positions=positions, widths=widths, showmeans=True, patch_artist=True, manage_ticks=False,
-               boxprops={"facecolor": color, "alpha": 0.55, "edgecolor": color},
-               medianprops={"color": "black"}, whiskerprops={"color": color}, capprops={"color": color},
-               flierprops={"marker": ".", "markersize": 4, "markeredgecolor": color},
-               meanprops={"marker": "^", "markersize": 4, "markerfacecolor": "white", "markeredgecolor": "black"})
+        ax.bxp(
+            boxes,
+            positions=positions,
+            widths=widths,
+            showmeans=True,
+            patch_artist=True,
+            manage_ticks=False,
+            boxprops={"facecolor": color, "alpha": 0.55, "edgecolor": color},
+            medianprops={"color": "black"},
+            whiskerprops={"color": color},
+            capprops={"color": color},
+            flierprops={"marker": ".", "markersize": 4, "markeredgecolor": color},
+            meanprops={"marker": "^", "markersize": 4, "markerfacecolor": "white", "markeredgecolor": "black"},
+        )
         _log_y(ax)
         ax.axhline(1.0, color="grey", lw=0.6, ls=":")
         ax.set_ylabel("scale")
@@ -94,17 +112,25 @@ def scale_boxplot(stats: dict, path: str) -> str | None:
     axes[-1].set_xticks(blocks)
     axes[-1].set_xlim(min(blocks) - 0.6, max(blocks) + 0.6)
     axes[-1].set_xlabel("block")
-    fig.legend(handles=[Patch(facecolor=COLORS[t], alpha=0.55, label=t) for t in order], loc="outside upper right",
-               ncols=len(order), fontsize=8, title="box q25-q75, whiskers q1-q99, dots min/max, ^ mean",
-               title_fontsize=8)
+    fig.legend(
+        handles=[Patch(facecolor=COLORS[t], alpha=0.55, label=t) for t in order],
+        loc="outside upper right",
+        ncols=len(order),
+        fontsize=8,
+        title="box q25-q75, whiskers q1-q99, dots min/max, ^ mean",
+        title_fontsize=8,
+    )
     fig.suptitle("AWQ scales per block and layer type", x=0.01, ha="left", fontsize=11)
     return _save(fig, path)
 
 
 def block_error_plot(stats: dict, path: str) -> str | None:
     """Bars per block: output MSE vs the FP block, RTN and AWQ (log scale), with AWQ's ratio to RTN."""
-    rows = [(b, s["output_mse_rtn"], s["output_mse_awq"]) for b, s in _blocks(stats)
-            if s.get("output_mse_rtn") is not None and s.get("output_mse_awq") is not None]
+    rows = [
+        (b, s["output_mse_rtn"], s["output_mse_awq"])
+        for b, s in _blocks(stats)
+        if s.get("output_mse_rtn") is not None and s.get("output_mse_awq") is not None
+    ]
     if not rows:
         return None
     blocks = [r[0] for r in rows]
@@ -119,8 +145,15 @@ def block_error_plot(stats: dict, path: str) -> str | None:
     if len(rows) <= 40:
         for b, (_, r, a) in zip(blocks, rows):
             if r > 0:
-                ax.annotate(f"{a / r:.2g}x", (b + 0.2, max(a, floor)), xytext=(0, 2), textcoords="offset points",
-                            ha="center", va="bottom", fontsize=7)
+                ax.annotate(
+                    f"{a / r:.2g}x",
+                    (b + 0.2, max(a, floor)),
+                    xytext=(0, 2),
+                    textcoords="offset points",
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                )
     _log_y(ax)
     ax.set_xticks(blocks)
     ax.set_xlabel("block")
@@ -133,8 +166,10 @@ def block_error_plot(stats: dict, path: str) -> str | None:
 
 def write_plots(stats: dict, folder: str) -> dict[str, str]:
     """Both pictures into `folder`; {title: path} of those that had data."""
-    made = {"AWQ scales per block and layer type": scale_boxplot(stats, os.path.join(folder, "scales.png")),
-            "Block output error, RTN vs AWQ": block_error_plot(stats, os.path.join(folder, "block-error.png"))}
+    made = {
+        "AWQ scales per block and layer type": scale_boxplot(stats, os.path.join(folder, "scales.png")),
+        "Block output error, RTN vs AWQ": block_error_plot(stats, os.path.join(folder, "block-error.png")),
+    }
     return {title: path for title, path in made.items() if path}
 
 

@@ -15,20 +15,39 @@ def _score_row(label: str, r: dict) -> str:
     return f"| {label} | {ppl} | {r['kl']:.5f} |" if "kl" in r else f"| {label} | {ppl} | |"
 
 
-def markdown_report(model: str, out: str, opts, size_before: int, size_after: int, timings: dict,
-                    table: dict, pictures: dict | None = None, work: tuple[str, int] | None = None) -> str:
+def markdown_report(
+    model: str,
+    out: str,
+    opts,
+    size_before: int,
+    size_after: int,
+    timings: dict,
+    table: dict,
+    pictures: dict | None = None,
+    work: tuple[str, int] | None = None,
+) -> str:
     """pictures: {title: image URL or path} (flows/plots.py), shown after the perplexity table;
     work: (work dir, bytes it holds: activation store + block cache)."""
     layout = opts.format if opts.w_bit == 4 else "fake-quant"
-    lines = [f"# AWQ run: `{model}` -> `{out}`", "",
-             f"method **{opts.method}**, w{opts.w_bit}, group {opts.group_size}, zero point {opts.zero_point}, "
-             f"mode {opts.mode}, format {layout}", "", _size_line(opts, size_before, size_after), ""]
+    lines = [
+        f"# AWQ run: `{model}` -> `{out}`",
+        "",
+        f"method **{opts.method}**, w{opts.w_bit}, group {opts.group_size}, zero point {opts.zero_point}, "
+        f"mode {opts.mode}, format {layout}",
+        "",
+        _size_line(opts, size_before, size_after),
+        "",
+    ]
     if work:
         lines += [f"work dir `{work[0]}` (activations + block cache, reused by reruns): {work[1] / 2**20:.1f} MiB", ""]
     if table:
         first = next(iter(table.values()))
-        lines += [f"## Perplexity and KL to FP ({first['windows']} windows x {first['seqlen']} tokens)", "",
-                  "| model | ppl | mean KL to FP |", "|---|---|---|"]
+        lines += [
+            f"## Perplexity and KL to FP ({first['windows']} windows x {first['seqlen']} tokens)",
+            "",
+            "| model | ppl | mean KL to FP |",
+            "|---|---|---|",
+        ]
         lines += [_score_row(label, r) for label, r in table.items()]
         lines.append("")
     if pictures:

@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from prefect import flow, get_run_logger
 
@@ -29,8 +29,11 @@ def find_checkpoints(checkpoints_dir: str, exclude: str | None = None) -> dict[s
     exclude = os.path.realpath(exclude) if exclude else None
     found = {}
     for entry in sorted(os.scandir(checkpoints_dir), key=lambda e: e.name):
-        if entry.is_dir() and os.path.isfile(os.path.join(entry.path, "config.json")) \
-                and os.path.realpath(entry.path) != exclude:
+        if (
+            entry.is_dir()
+            and os.path.isfile(os.path.join(entry.path, "config.json"))
+            and os.path.realpath(entry.path) != exclude
+        ):
             found[entry.name] = entry.path
     return found
 
@@ -88,7 +91,7 @@ def is_offline() -> bool:
 
 
 def hub_checkpoints(hub: list[str], log: Callable[[str], None]) -> dict[str, str]:
-    """"org/model[@revision]" entries -> {name: local snapshot}; all skipped, with a warning, when offline."""
+    """ "org/model[@revision]" entries -> {name: local snapshot}; all skipped, with a warning, when offline."""
     if not hub:
         return {}
     if is_offline():
@@ -100,13 +103,20 @@ def hub_checkpoints(hub: list[str], log: Callable[[str], None]) -> dict[str, str
     for entry in hub:
         model_id, _, revision = entry.partition("@")
         name = model_id.replace("/", "--") + (f"@{revision}" if revision else "")
-        found[name] = snapshot_download(model_id, revision=revision or None,
-                                        allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+        found[name] = snapshot_download(
+            model_id, revision=revision or None, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]
+        )
     return found
 
 
-def scan(checkpoints_dir: str, output_root: str, quantize: Callable[[str, str], object], hub: list[str] | None = None,
-         settle_s: float = 0.0, log: Callable[[str], None] = print) -> dict:
+def scan(
+    checkpoints_dir: str,
+    output_root: str,
+    quantize: Callable[[str, str], object],
+    hub: list[str] | None = None,
+    settle_s: float = 0.0,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Quantize new or changed checkpoints with quantize(model_dir, out_dir); returns
     {"quantized": {name: out}, "skipped": {name: out}, "unsettled": [names], "failed": {name: error}}."""
     ledger = load_ledger(output_root)
@@ -141,8 +151,13 @@ def scan(checkpoints_dir: str, output_root: str, quantize: Callable[[str, str], 
 
 
 @flow(name="requantize", log_prints=True)
-def requantize(checkpoints: str, output_root: str, options: Options = Options(), hub: list[str] | None = None,
-               settle_s: float = 30.0) -> dict:
+def requantize(
+    checkpoints: str,
+    output_root: str,
+    options: Options = Options(),
+    hub: list[str] | None = None,
+    settle_s: float = 30.0,
+) -> dict:
     """Run the `awq` flow with `options` on each new or changed checkpoint under `checkpoints` (and `hub`
     entries "org/model[@revision]" when online). Files modified less than `settle_s` seconds ago are
     left for the next scan."""
@@ -153,8 +168,13 @@ def requantize(checkpoints: str, output_root: str, options: Options = Options(),
         return awq.with_options(flow_run_name=f"awq-{name}")(model=model_dir, out=out, options=options)
 
     summary = scan(checkpoints, output_root, quantize, hub=hub, settle_s=settle_s, log=logger.info)
-    logger.info("quantized %d, skipped %d, unsettled %d, failed %d", len(summary["quantized"]),
-                len(summary["skipped"]), len(summary["unsettled"]), len(summary["failed"]))
+    logger.info(
+        "quantized %d, skipped %d, unsettled %d, failed %d",
+        len(summary["quantized"]),
+        len(summary["skipped"]),
+        len(summary["unsettled"]),
+        len(summary["failed"]),
+    )
     if summary["failed"]:
         raise RuntimeError(f"quantization failed for {sorted(summary['failed'])}: {summary['failed']}")
     return summary

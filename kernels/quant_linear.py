@@ -26,6 +26,7 @@ def triton_kernels():
         try:
             from awqflow.kernels.w4a16_gemm import w4a16_gemm
             from awqflow.kernels.w4a16_splitk import w4a16_splitk
+
             _KERNELS = (w4a16_gemm, w4a16_splitk)
         except Exception:  # ImportError, or a triton build that fails at import
             _KERNELS = False
@@ -35,29 +36,45 @@ def triton_kernels():
 def use_triton(x: torch.Tensor) -> bool:
     # AWQFLOW_FORCE_TRITON=1 with TRITON_INTERPRET=1 runs the kernels on CPU tensors (end-to-end tests)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("AWQFLOW_FORCE_TRITON") == "1"
-    return ((x.is_cuda or interpreted) and x.dtype in (torch.float16, torch.bfloat16)
-            and os.environ.get("AWQFLOW_DISABLE_TRITON", "0") in ("", "0")
-            and triton_kernels() is not None)
+    return (
+        (x.is_cuda or interpreted)
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and os.environ.get("AWQFLOW_DISABLE_TRITON", "0") in ("", "0")
+        and triton_kernels() is not None
+    )
 
 
 class QuantLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool,
-                 device=None, dtype=torch.float16):
+    def __init__(
+        self, in_features: int, out_features: int, group_size: int, bias: bool, device=None, dtype=torch.float16
+    ):
         super().__init__()
         group = in_features if group_size == -1 else group_size
         if in_features % group or out_features % PER_WORD:
-            raise ValueError(f"QuantLinear({in_features}, {out_features}) does not fit group {group_size} / 8-column packing")
+            raise ValueError(
+                f"QuantLinear({in_features}, {out_features}) does not fit group {group_size} / 8-column packing"
+            )
         self.in_features, self.out_features, self.group_size = in_features, out_features, group
-        self.register_buffer("qweight", torch.zeros(in_features, out_features // PER_WORD, dtype=torch.int32, device=device))
-        self.register_buffer("qzeros", torch.zeros(in_features // group, out_features // PER_WORD, dtype=torch.int32, device=device))
+        self.register_buffer(
+            "qweight", torch.zeros(in_features, out_features // PER_WORD, dtype=torch.int32, device=device)
+        )
+        self.register_buffer(
+            "qzeros", torch.zeros(in_features // group, out_features // PER_WORD, dtype=torch.int32, device=device)
+        )
         self.register_buffer("scales", torch.zeros(in_features // group, out_features, dtype=dtype, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
 
     @classmethod
     def from_packed(cls, qweight, qzeros, scales, bias=None):
         in_features, out_features = qweight.shape[0], scales.shape[1]
-        layer = cls(in_features, out_features, in_features // scales.shape[0], bias is not None,
-                    device=qweight.device, dtype=scales.dtype)
+        layer = cls(
+            in_features,
+            out_features,
+            in_features // scales.shape[0],
+            bias is not None,
+            device=qweight.device,
+            dtype=scales.dtype,
+        )
         layer.qweight.copy_(qweight)
         layer.qzeros.copy_(qzeros)
         layer.scales.copy_(scales)

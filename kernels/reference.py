@@ -17,8 +17,14 @@ def resolve_group(group_size: int, k: int, n_groups: int) -> int:
     return group
 
 
-def w4a16_matmul_reference(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
-                           scales: torch.Tensor, group_size: int, bias: torch.Tensor | None = None):
+def w4a16_matmul_reference(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+):
     """x (..., K) @ dequant(W) (K, N) [+ bias] in x's dtype. W = (q - z) * s, rounded to s's dtype first."""
     resolve_group(group_size, qweight.shape[0], scales.shape[0])
     # Same rounding chain as the kernels: (q - z) * s in fp16, then cast to the activation dtype.

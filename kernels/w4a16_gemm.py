@@ -12,8 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from awqflow.kernels.configs import (AUTOTUNE_KEY, GEMM_CONFIGS, INTERPRET, m_bucket, prune_gemm_configs,
-                                     triton_configs)
+from awqflow.kernels.configs import AUTOTUNE_KEY, GEMM_CONFIGS, INTERPRET, m_bucket, prune_gemm_configs, triton_configs
 from awqflow.kernels.reference import resolve_group, w4a16_matmul_reference  # noqa: F401 (the oracle)
 
 
@@ -37,9 +36,19 @@ def unpack_words(words, shifts):
 
 
 @triton.jit
-def load_dequant_tile(qweight_ptr, qzeros_ptr, scales_ptr, k0, pid_n, N, K,
-                      GROUP_SIZE: tl.constexpr, EVEN_K: tl.constexpr,
-                      BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+def load_dequant_tile(
+    qweight_ptr,
+    qzeros_ptr,
+    scales_ptr,
+    k0,
+    pid_n,
+    N,
+    K,
+    GROUP_SIZE: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """Rows k0..k0+BLOCK_K, columns of N-tile pid_n of W, dequantized in the scales' dtype; 0 outside W."""
     n_words = N // 8
     rows = k0 + tl.arange(0, BLOCK_K)
@@ -52,8 +61,9 @@ def load_dequant_tile(qweight_ptr, qzeros_ptr, scales_ptr, k0, pid_n, N, K,
     else:
         mask_k = rows < K
 
-    words = tl.load(qweight_ptr + rows[:, None] * n_words + offs_w[None, :],
-                    mask=mask_k[:, None] & mask_w[None, :], other=0)
+    words = tl.load(
+        qweight_ptr + rows[:, None] * n_words + offs_w[None, :], mask=mask_k[:, None] & mask_w[None, :], other=0
+    )
     if GROUP_SIZE % BLOCK_K == 0:
         # The whole tile lies in one group: one row of zeros and scales, broadcast over BLOCK_K.
         g = k0 // GROUP_SIZE
@@ -63,10 +73,12 @@ def load_dequant_tile(qweight_ptr, qzeros_ptr, scales_ptr, k0, pid_n, N, K,
         # Groups smaller than the tile (or not dividing it): each row looks up its own group. The
         # repeated addresses hit L1, so this costs instructions rather than DRAM traffic.
         g = rows // GROUP_SIZE
-        zwords = tl.load(qzeros_ptr + g[:, None] * n_words + offs_w[None, :],
-                         mask=mask_k[:, None] & mask_w[None, :], other=0)
-        scale = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :],
-                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        zwords = tl.load(
+            qzeros_ptr + g[:, None] * n_words + offs_w[None, :], mask=mask_k[:, None] & mask_w[None, :], other=0
+        )
+        scale = tl.load(
+            scales_ptr + g[:, None] * N + offs_n[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0
+        )
 
     shifts = awq_shifts(BLOCK_N)
     q = unpack_words(words, shifts)
@@ -95,11 +107,28 @@ def dot_acc(a, w, acc):
 
 
 @triton.jit
-def _w4a16_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, y_ptr,
-                       M, N, K, stride_xm, stride_xk, stride_ym, M_BUCKET,
-                       GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       GROUP_M: tl.constexpr):
+def _w4a16_gemm_kernel(
+    x_ptr,
+    qweight_ptr,
+    qzeros_ptr,
+    scales_ptr,
+    bias_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_ym,
+    M_BUCKET,
+    GROUP_SIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     # Grouped launch order (Triton matmul tutorial): GROUP_M row-tiles in a row reuse the same
     # weight column tiles while they are still in L2.
     pid = tl.program_id(0)
@@ -123,8 +152,9 @@ def _w4a16_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, y_p
             a = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
         else:
             a = tl.load(x_ptrs, mask=mask_m[:, None] & (k0 + offs_k[None, :] < K), other=0.0)
-        w = load_dequant_tile(qweight_ptr, qzeros_ptr, scales_ptr, k0, pid_n, N, K,
-                              GROUP_SIZE, EVEN_K, BLOCK_K, BLOCK_N)
+        w = load_dequant_tile(
+            qweight_ptr, qzeros_ptr, scales_ptr, k0, pid_n, N, K, GROUP_SIZE, EVEN_K, BLOCK_K, BLOCK_N
+        )
         acc = dot_acc(a, w, acc)
         x_ptrs += BLOCK_K * stride_xk
 
@@ -138,8 +168,9 @@ def _w4a16_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, y_p
 
 _even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 _gemm_fixed = _even_k(_w4a16_gemm_kernel)  # launched with an explicit config (tests, benchmarks)
-_gemm_tuned = triton.autotune(configs=triton_configs(GEMM_CONFIGS), key=AUTOTUNE_KEY,
-                              prune_configs_by={"early_config_prune": prune_gemm_configs})(_gemm_fixed)
+_gemm_tuned = triton.autotune(
+    configs=triton_configs(GEMM_CONFIGS), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune_gemm_configs}
+)(_gemm_fixed)
 
 
 def check_operands(x, qweight, qzeros, scales, group_size, bias):
@@ -164,8 +195,15 @@ def check_operands(x, qweight, qzeros, scales, group_size, bias):
     return k, n, group
 
 
-def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-               group_size: int, bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+def w4a16_gemm(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
     """x (..., K) fp16/bf16 -> (..., N) in x's dtype. `config` pins BLOCK_*/GROUP_M (+num_warps,
     num_stages) instead of autotuning."""
     k, n, group = check_operands(x, qweight, qzeros, scales, group_size, bias)
@@ -180,8 +218,21 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    args = (x2, qweight, qzeros, scales, bias if bias is not None else scales, y,
-            m, n, k, x2.stride(0), x2.stride(1), y.stride(0), m_bucket(m))
+    args = (
+        x2,
+        qweight,
+        qzeros,
+        scales,
+        bias if bias is not None else scales,
+        y,
+        m,
+        n,
+        k,
+        x2.stride(0),
+        x2.stride(1),
+        y.stride(0),
+        m_bucket(m),
+    )
     consts = dict(GROUP_SIZE=group, HAS_BIAS=bias is not None)
     if config is None:
         _gemm_tuned[grid](*args, **consts)

@@ -17,11 +17,27 @@ from awqflow.kernels.w4a16_gemm import check_operands, dot_acc, load_dequant_til
 
 
 @triton.jit
-def _w4a16_splitk_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, acc_ptr,
-                         M, N, K, stride_xm, stride_xk, M_BUCKET,
-                         GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         SPLIT_K: tl.constexpr):
+def _w4a16_splitk_kernel(
+    x_ptr,
+    qweight_ptr,
+    qzeros_ptr,
+    scales_ptr,
+    bias_ptr,
+    acc_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    M_BUCKET,
+    GROUP_SIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -41,8 +57,9 @@ def _w4a16_splitk_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, a
             a = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
         else:
             a = tl.load(x_ptrs, mask=mask_m[:, None] & (k0 + offs_k[None, :] < K), other=0.0)
-        w = load_dequant_tile(qweight_ptr, qzeros_ptr, scales_ptr, k0, pid_n, N, K,
-                              GROUP_SIZE, EVEN_K, BLOCK_K, BLOCK_N)
+        w = load_dequant_tile(
+            qweight_ptr, qzeros_ptr, scales_ptr, k0, pid_n, N, K, GROUP_SIZE, EVEN_K, BLOCK_K, BLOCK_N
+        )
         acc = dot_acc(a, w, acc)
         x_ptrs += BLOCK_K * SPLIT_K * stride_xk
 
@@ -51,20 +68,32 @@ def _w4a16_splitk_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, a
     if HAS_BIAS:
         if pid_k == 0:  # exactly one slice adds the bias
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.atomic_add(acc_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], acc,
-                  mask=mask_m[:, None] & mask_n[None, :])
+    tl.atomic_add(
+        acc_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :]
+    )
 
 
 _even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 _splitk_fixed = _even_k(_w4a16_splitk_kernel)  # launched with an explicit config (tests, benchmarks)
 # reset_to_zero: the autotuner launches every candidate on the same buffer; without it the
 # atomics would pile the candidates' results on top of each other.
-_splitk_tuned = triton.autotune(configs=triton_configs(SPLITK_CONFIGS), key=AUTOTUNE_KEY, reset_to_zero=["acc_ptr"],
-                                prune_configs_by={"early_config_prune": prune_splitk_configs})(_splitk_fixed)
+_splitk_tuned = triton.autotune(
+    configs=triton_configs(SPLITK_CONFIGS),
+    key=AUTOTUNE_KEY,
+    reset_to_zero=["acc_ptr"],
+    prune_configs_by={"early_config_prune": prune_splitk_configs},
+)(_splitk_fixed)
 
 
-def w4a16_splitk(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                 group_size: int, bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+def w4a16_splitk(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
     """x (..., K) fp16/bf16 -> (..., N) in x's dtype; tuned for few rows (decode) but correct for any.
     `config` pins BLOCK_*/SPLIT_K (+num_warps, num_stages) instead of autotuning."""
     k, n, group = check_operands(x, qweight, qzeros, scales, group_size, bias)
@@ -79,8 +108,20 @@ def w4a16_splitk(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
-    args = (x2, qweight, qzeros, scales, bias if bias is not None else scales, acc,
-            m, n, k, x2.stride(0), x2.stride(1), m_bucket(m))
+    args = (
+        x2,
+        qweight,
+        qzeros,
+        scales,
+        bias if bias is not None else scales,
+        acc,
+        m,
+        n,
+        k,
+        x2.stride(0),
+        x2.stride(1),
+        m_bucket(m),
+    )
     consts = dict(GROUP_SIZE=group, HAS_BIAS=bias is not None)
     if config is None:
         _splitk_tuned[grid](*args, **consts)

@@ -71,8 +71,15 @@ def _attention(norm: str, qkv: tuple[str, ...], offset: float = 0.0) -> ScaleGro
     return ScaleGroup(norm, qkv, qkv[0].rpartition(".")[0], inspect_takes_kwargs=True, prev_offset=offset)
 
 
-_LLAMA_TP = (("q_proj", "column"), ("k_proj", "column"), ("v_proj", "column"), ("o_proj", "row"),
-             ("gate_proj", "column"), ("up_proj", "column"), ("down_proj", "row"))
+_LLAMA_TP = (
+    ("q_proj", "column"),
+    ("k_proj", "column"),
+    ("v_proj", "column"),
+    ("o_proj", "row"),
+    ("gate_proj", "column"),
+    ("up_proj", "column"),
+    ("down_proj", "row"),
+)
 
 LLAMA = Architecture(
     name="llama",
@@ -126,8 +133,14 @@ OPT = Architecture(
         ScaleGroup("final_layer_norm", ("fc1",), "fc1"),
         ScaleGroup("fc1", ("fc2",), "fc2"),
     ),
-    parallel=(("q_proj", "column"), ("k_proj", "column"), ("v_proj", "column"), ("out_proj", "row"),
-              ("fc1", "column"), ("fc2", "row")),
+    parallel=(
+        ("q_proj", "column"),
+        ("k_proj", "column"),
+        ("v_proj", "column"),
+        ("out_proj", "row"),
+        ("fc1", "column"),
+        ("fc2", "row"),
+    ),
 )
 
 # GPT-NeoX: query_key_value interleaves q, k, v per head, so v has no contiguous rows to absorb o's
@@ -143,8 +156,7 @@ GPT_NEOX = Architecture(
     no_clip=("attention.query_key_value",),
     not_converted=("embed_out",),  # the checkpoint's (and vLLM's) name for transformers' lm_head
     checkpoint_names=(("lm_head", "embed_out"),),
-    parallel=(("query_key_value", "column"), ("dense", "row"), ("dense_h_to_4h", "column"),
-              ("dense_4h_to_h", "row")),
+    parallel=(("query_key_value", "column"), ("dense", "row"), ("dense_h_to_4h", "column"), ("dense_4h_to_h", "row")),
 )
 
 # Qwen3-MoE: every expert's gate/up and the router read post_attention_layernorm's output: one group,
@@ -153,9 +165,15 @@ GPT_NEOX = Architecture(
 QWEN3_MOE = Architecture(
     name="qwen3_moe",
     blocks="model.layers",
-    groups=LLAMA.groups + (
-        ScaleGroup("post_attention_layernorm", ("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"), "mlp",
-                   also_scaled=("mlp.gate",), routes_tokens=True),
+    groups=LLAMA.groups
+    + (
+        ScaleGroup(
+            "post_attention_layernorm",
+            ("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"),
+            "mlp",
+            also_scaled=("mlp.gate",),
+            routes_tokens=True,
+        ),
         ScaleGroup("mlp.experts.*.up_proj", ("mlp.experts.*.down_proj",), "mlp.experts.*.down_proj"),
     ),
     unquantized=("mlp.gate",),
@@ -168,10 +186,20 @@ QWEN3_MOE = Architecture(
 QWEN2_MOE = Architecture(
     name="qwen2_moe",
     blocks="model.layers",
-    groups=LLAMA.groups + (
-        ScaleGroup("post_attention_layernorm", ("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj",
-                                                "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"), "mlp",
-                   also_scaled=("mlp.gate", "mlp.shared_expert_gate"), routes_tokens=True),
+    groups=LLAMA.groups
+    + (
+        ScaleGroup(
+            "post_attention_layernorm",
+            (
+                "mlp.experts.*.gate_proj",
+                "mlp.experts.*.up_proj",
+                "mlp.shared_expert.gate_proj",
+                "mlp.shared_expert.up_proj",
+            ),
+            "mlp",
+            also_scaled=("mlp.gate", "mlp.shared_expert_gate"),
+            routes_tokens=True,
+        ),
         ScaleGroup("mlp.experts.*.up_proj", ("mlp.experts.*.down_proj",), "mlp.experts.*.down_proj"),
         ScaleGroup("mlp.shared_expert.up_proj", ("mlp.shared_expert.down_proj",), "mlp.shared_expert.down_proj"),
     ),
@@ -183,9 +211,15 @@ QWEN2_MOE = Architecture(
 # Mixtral: Qwen3-MoE's groups, but its checkpoints keep the original names (block_sparse_moe,
 # w1 = gate, w3 = up, w2 = down) that vLLM and AutoAWQ expect in the quantized checkpoint too.
 MIXTRAL = replace(
-    QWEN3_MOE, name="mixtral",
-    checkpoint_names=(("mlp.experts", "block_sparse_moe.experts"), ("mlp.gate", "block_sparse_moe.gate"),
-                      ("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")),
+    QWEN3_MOE,
+    name="mixtral",
+    checkpoint_names=(
+        ("mlp.experts", "block_sparse_moe.experts"),
+        ("mlp.gate", "block_sparse_moe.gate"),
+        ("gate_proj", "w1"),
+        ("up_proj", "w3"),
+        ("down_proj", "w2"),
+    ),
     parallel=_LLAMA_TP + (("w1", "column"), ("w3", "column"), ("w2", "row")),
 )
 

@@ -26,8 +26,9 @@ def input_sources(block: nn.Module, groups: list[ScaleGroup]) -> dict[str, str]:
     return sources
 
 
-def collect_linear_inputs(block: nn.Module, arch: Architecture, hidden: torch.Tensor, kwargs: dict,
-                          batch_size: int = 8) -> dict[str, torch.Tensor]:
+def collect_linear_inputs(
+    block: nn.Module, arch: Architecture, hidden: torch.Tensor, kwargs: dict, batch_size: int = 8
+) -> dict[str, torch.Tensor]:
     """The input of every linear of the block on the calibration data, (n, seqlen, in) or (tokens, in)
     each, keyed as input_sources says. A linear that sees no token (an expert never routed to) is absent."""
     hooked = dict(input_sources(block, block_groups(block, arch)).values())
@@ -37,8 +38,10 @@ def collect_linear_inputs(block: nn.Module, arch: Architecture, hidden: torch.Te
         # attention modules get their input as the hidden_states keyword
         return lambda m, args, kw: seen[key].append((args[0] if args else kw["hidden_states"]).detach())
 
-    handles = [block.get_submodule(module).register_forward_pre_hook(record(key), with_kwargs=True)
-               for module, key in hooked.items()]
+    handles = [
+        block.get_submodule(module).register_forward_pre_hook(record(key), with_kwargs=True)
+        for module, key in hooked.items()
+    ]
     try:
         with torch.no_grad():
             for chunk in hidden.split(batch_size):
@@ -49,8 +52,9 @@ def collect_linear_inputs(block: nn.Module, arch: Architecture, hidden: torch.Te
     return {k: torch.cat(v) for k, v in seen.items() if v}
 
 
-def fake_quant_output(block: nn.Module, arch: Architecture, hidden: torch.Tensor, kwargs: dict,
-                      qcfg: QuantConfig) -> torch.Tensor:
+def fake_quant_output(
+    block: nn.Module, arch: Architecture, hidden: torch.Tensor, kwargs: dict, qcfg: QuantConfig
+) -> torch.Tensor:
     """The block's output with its linears (those that get quantized) replaced by Q(W)."""
     trial = copy.deepcopy(block)
     for name, lin in linears_of(trial).items():
@@ -60,8 +64,15 @@ def fake_quant_output(block: nn.Module, arch: Architecture, hidden: torch.Tensor
 
 
 @torch.no_grad()
-def search_block(block: nn.Module, arch: Architecture, hidden: torch.Tensor, kwargs: dict, qcfg: QuantConfig,
-                 scfg: SearchConfig = SearchConfig(), clip: bool = True) -> dict:
+def search_block(
+    block: nn.Module,
+    arch: Architecture,
+    hidden: torch.Tensor,
+    kwargs: dict,
+    qcfg: QuantConfig,
+    scfg: SearchConfig = SearchConfig(),
+    clip: bool = True,
+) -> dict:
     """AWQ on one FP block, in place: searches all scales on the FP block first, then fuses them, then
     clips (on the scaled inputs), as AutoAWQ does. Returns the search statistics per group and the
     block's output error (MSE against the FP block) quantized plainly (RTN) and after AWQ."""

@@ -27,7 +27,9 @@ def load_documents(source: str, text_field: str = "text", split: str | None = No
         if ext == ".txt":
             return ["\n".join(ds["text"])]
     else:
-        path, config, default_split, field, files = KNOWN_DATASETS.get(source, (source, None, "train", text_field, None))
+        path, config, default_split, field, files = KNOWN_DATASETS.get(
+            source, (source, None, "train", text_field, None)
+        )
         text_field = field if source in KNOWN_DATASETS else text_field
         try:
             ds = datasets.load_dataset(path, config, split=split or default_split, data_files=files)
@@ -37,12 +39,15 @@ def load_documents(source: str, text_field: str = "text", split: str | None = No
                 f"Without network access pass a local file instead: --calib my_text.txt (or .jsonl/.parquet)"
             ) from None
     if text_field not in ds.column_names:
-        raise KeyError(f"calibration data {source} has no field {text_field!r} (fields: {ds.column_names}): pass --text-field")
+        raise KeyError(
+            f"calibration data {source} has no field {text_field!r} (fields: {ds.column_names}): pass --text-field"
+        )
     return [t for t in ds[text_field] if t and t.strip()]
 
 
-def calibration_windows(source: str, tokenizer, n_samples: int = 128, seqlen: int = 512,
-                        text_field: str = "text", seed: int = 0) -> torch.Tensor:
+def calibration_windows(
+    source: str, tokenizer, n_samples: int = 128, seqlen: int = 512, text_field: str = "text", seed: int = 0
+) -> torch.Tensor:
     """(n_samples, seqlen) token ids: documents shuffled with `seed`, concatenated, cut into windows."""
     if n_samples < 1 or seqlen < 2:
         raise ValueError(f"need n_samples >= 1 and seqlen >= 2, got {n_samples} x {seqlen}")

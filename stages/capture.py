@@ -24,8 +24,15 @@ def embed_windows(m: OpenModel, windows: torch.Tensor, device, dtype) -> torch.T
     return hidden
 
 
-def capture_block_inputs(m: OpenModel, windows: torch.Tensor, store: ActivationStore, device="cpu",
-                         dtype=torch.float32, batch_size: int = 8, progress=None) -> None:
+def capture_block_inputs(
+    m: OpenModel,
+    windows: torch.Tensor,
+    store: ActivationStore,
+    device="cpu",
+    dtype=torch.float32,
+    batch_size: int = 8,
+    progress=None,
+) -> None:
     """Write the FP input of every block of the model to `store`; skip blocks already complete
     there (a resumed capture recomputes the FP chain but rewrites nothing)."""
     kwargs = m.block_kwargs(windows.shape[1], device, dtype)

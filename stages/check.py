@@ -72,6 +72,8 @@ def check_checkpoint(model_dir: str, tp: int = 1) -> tuple[list[str], list[str]]
         if shard_out % PACK:
             errors.append(f"{where}: out_features per shard ({shard_out}) not divisible by {PACK}")
         if shard_out % MARLIN_N or shard_in % MARLIN_K:
-            warnings.append(f"{where}: AWQ-Marlin needs out % {MARLIN_N} and in % {MARLIN_K} per shard; "
-                            f"vLLM falls back to its slower AWQ kernel here")
+            warnings.append(
+                f"{where}: AWQ-Marlin needs out % {MARLIN_N} and in % {MARLIN_K} per shard; "
+                f"vLLM falls back to its slower AWQ kernel here"
+            )
     return errors, warnings

@@ -14,8 +14,15 @@ def sample_tokens(x: torch.Tensor, n_tokens: int) -> torch.Tensor:
     return x[::step][:n_tokens]
 
 
-def search_clip(w: torch.Tensor, x: torch.Tensor, qcfg: QuantConfig, n_grid: int = 20,
-                max_shrink: float = 0.5, n_tokens: int = 512, memory_budget: int = 1 << 28) -> torch.Tensor:
+def search_clip(
+    w: torch.Tensor,
+    x: torch.Tensor,
+    qcfg: QuantConfig,
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+    n_tokens: int = 512,
+    memory_budget: int = 1 << 28,
+) -> torch.Tensor:
     """Best max |w| per (output channel, group): (out, n_groups), in float32."""
     out_f, in_f = w.shape
     g = qcfg.group_len(in_f)

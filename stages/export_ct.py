@@ -9,24 +9,37 @@ along out; weight_shape [out, in]. So q_ct - z_ct = q_awq - z_awq and w = (q - z
 
 import torch
 
-from awqflow.storage.gemm import pack_columns, pack_gemm, unpack_columns, unpack_gemm
 from awqflow.stages.quantize import QuantConfig
+from awqflow.storage.gemm import pack_columns, pack_gemm, unpack_columns, unpack_gemm
 
 SEQUENTIAL = tuple(range(8))
 CT_VERSION = "0.20.0"  # the compressed-tensors release this layout was checked against (tests/test_export.py)
 
 
 def quantization_config(qcfg: QuantConfig, ignore) -> dict:
-    weights = {"num_bits": qcfg.w_bit, "type": "int", "symmetric": not qcfg.zero_point,
-               "strategy": "group" if qcfg.group_size != -1 else "channel",
-               "group_size": qcfg.group_size if qcfg.group_size != -1 else None,
-               "dynamic": False, "actorder": None, "observer": "minmax"}
+    weights = {
+        "num_bits": qcfg.w_bit,
+        "type": "int",
+        "symmetric": not qcfg.zero_point,
+        "strategy": "group" if qcfg.group_size != -1 else "channel",
+        "group_size": qcfg.group_size if qcfg.group_size != -1 else None,
+        "dynamic": False,
+        "actorder": None,
+        "observer": "minmax",
+    }
     return {
         "quant_method": "compressed-tensors",
         "format": "pack-quantized",
         "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                                      "output_activations": None, "format": "pack-quantized"}},
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": weights,
+                "input_activations": None,
+                "output_activations": None,
+                "format": "pack-quantized",
+            }
+        },
         "ignore": list(ignore),
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
@@ -67,8 +80,13 @@ def to_gemm(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         codes = unpack_columns(t, SEQUENTIAL)  # (out, in)
         scales = tensors[f"{module}.weight_scale"]  # (out, in/G)
         zp = tensors.get(f"{module}.weight_zero_point")
-        zeros = unpack_columns(zp.t().contiguous(), SEQUENTIAL).t() if zp is not None else torch.full_like(codes[:, :scales.shape[1]], 8)
+        zeros = (
+            unpack_columns(zp.t().contiguous(), SEQUENTIAL).t()
+            if zp is not None
+            else torch.full_like(codes[:, : scales.shape[1]], 8)
+        )
         qweight, qzeros, _ = pack_gemm(codes, scales, zeros)
-        out.update({f"{module}.qweight": qweight, f"{module}.qzeros": qzeros,
-                    f"{module}.scales": scales.t().contiguous()})
+        out.update(
+            {f"{module}.qweight": qweight, f"{module}.qzeros": qzeros, f"{module}.scales": scales.t().contiguous()}
+        )
     return out

@@ -66,8 +66,9 @@ def _inverse_hessian_factor(h: torch.Tensor, damp: float, name: str) -> torch.Te
         damp = new
 
 
-def gptq_codes(w: torch.Tensor, h: torch.Tensor, qcfg: QuantConfig, block_size: int = 128,
-               damp: float = 0.01, name: str = ""):
+def gptq_codes(
+    w: torch.Tensor, h: torch.Tensor, qcfg: QuantConfig, block_size: int = 128, damp: float = 0.01, name: str = ""
+):
     """w (out, in), H (in, in) -> codes, scales, zeros with quantize_codes' types and conventions.
 
     Each group's (scale, zero) comes from quantize_codes' formulas applied to the group's weights as
@@ -86,8 +87,10 @@ def gptq_codes(w: torch.Tensor, h: torch.Tensor, qcfg: QuantConfig, block_size: 
     W = w.detach().to(torch.float32, copy=True)
     H = h.detach().to(W.device, torch.float64 if h.dtype == torch.float64 else torch.float32, copy=True)
     if not torch.isfinite(H).all():
-        raise ValueError(f"GPTQ: the Hessian of layer {name!r} has NaN/inf entries (inputs overflowed?): "
-                         f"check the calibration inputs, raise damp or use more calibration samples")
+        raise ValueError(
+            f"GPTQ: the Hessian of layer {name!r} has NaN/inf entries (inputs overflowed?): "
+            f"check the calibration inputs, raise damp or use more calibration samples"
+        )
     # An input that was always 0 says nothing about its column: make H invertible there and drop the
     # weight (it never contributed to the output on the calibration data).
     dead = torch.diag(H) == 0
@@ -110,7 +113,7 @@ def gptq_codes(w: torch.Tensor, h: torch.Tensor, qcfg: QuantConfig, block_size: 
                 # New group: its range is taken from its weights as updated so far. Columns past this
                 # block have not yet received this block's (lazy) update: apply it to a copy here.
                 end = col + g
-                group_w = W1[:, i:min(end, i2) - i1]
+                group_w = W1[:, i : min(end, i2) - i1]
                 if end > i2:
                     group_w = torch.cat([group_w, W[:, i2:end] - Err1 @ U[i1:i2, i2:end]], dim=1)
                 _, s, z = quantize_codes(group_w, group_cfg)
@@ -120,7 +123,7 @@ def gptq_codes(w: torch.Tensor, h: torch.Tensor, qcfg: QuantConfig, block_size: 
             q = (torch.round(W1[:, i] / s) + zf).clamp(0, qmax)
             codes[:, col] = q.to(torch.int32)
             err = (W1[:, i] - (q - zf) * s) / U1[i, i]
-            W1[:, i + 1:] -= err[:, None] * U1[i, i + 1:][None, :]  # compensate within the block
+            W1[:, i + 1 :] -= err[:, None] * U1[i, i + 1 :][None, :]  # compensate within the block
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # the whole block's compensation at once on later columns
     return codes, scales, zeros

@@ -5,8 +5,8 @@ The pipeline treats every method alike: it calibrates and captures inputs only f
 need them, keys the block cache on the options the method names, and packs the codes it returns.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn

@@ -85,8 +85,9 @@ def blocks_of(model: nn.Module, arch: Architecture) -> nn.ModuleList:
     return model.get_submodule(arch.blocks)
 
 
-def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, device, dtype, init=None,
-                rename=None) -> nn.Module:
+def materialize(
+    module: nn.Module, prefix: str, reader: CheckpointReader, device, dtype, init=None, rename=None
+) -> nn.Module:
     """Give a meta-device submodule its real weights from the checkpoint (prefix = its name there;
     rename maps the submodule's own tensor names to the checkpoint's). init (the model's
     _init_weights) sets the non-persistent buffers no checkpoint holds (Gemma's embedding scale)
@@ -101,8 +102,9 @@ def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, device
     tensors = reader.load(names.values(), device)
     broken = [n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if broken:
-        raise FloatingPointError(f"checkpoint tensor {broken[0]} holds NaN/inf: the checkpoint is broken; "
-                                 f"re-download or re-save it")
+        raise FloatingPointError(
+            f"checkpoint tensor {broken[0]} holds NaN/inf: the checkpoint is broken; re-download or re-save it"
+        )
     module.load_state_dict({k: tensors[n].to(dtype) for k, n in names.items()})
     return module
 

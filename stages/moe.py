@@ -24,8 +24,10 @@ class Experts(nn.ModuleList):
     @classmethod
     def like(cls, fused: nn.Module) -> "Experts":
         device, dtype = fused.down_proj.device, fused.down_proj.dtype
-        return cls(Expert(fused.hidden_dim, fused.intermediate_dim, fused.act_fn).to(device, dtype)
-                   for _ in range(fused.num_experts))
+        return cls(
+            Expert(fused.hidden_dim, fused.intermediate_dim, fused.act_fn).to(device, dtype)
+            for _ in range(fused.num_experts)
+        )
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         out = torch.zeros_like(hidden_states)

@@ -39,8 +39,12 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, reference=None
                 kl += float(F.kl_div(log_p, log_ref, log_target=True, reduction="sum"))
             count += batch[:, 1:].numel()
     mean = nll / count
-    result = {"ppl": math.exp(mean) if mean < MAX_NLL else math.inf, "nll": mean, "tokens": count,
-              "windows": int(windows.shape[0])}
+    result = {
+        "ppl": math.exp(mean) if mean < MAX_NLL else math.inf,
+        "nll": mean,
+        "tokens": count,
+        "windows": int(windows.shape[0]),
+    }
     if reference is not None:
         result["kl"] = kl / count
     return result

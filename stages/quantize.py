@@ -39,7 +39,7 @@ def quantize_codes(w: torch.Tensor, cfg: QuantConfig):
     qmax = 2**cfg.w_bit - 1
     if cfg.zero_point:
         wmax, wmin = wg.amax(dim=-1), wg.amin(dim=-1)
-        scales = ((wmax - wmin).clamp(min=1e-5) / qmax)
+        scales = (wmax - wmin).clamp(min=1e-5) / qmax
         zeros = (-torch.round(wmin / scales)).clamp(0, qmax)
     else:
         half = 2 ** (cfg.w_bit - 1)

@@ -77,8 +77,10 @@ def check_output_path(model_dir: str, out_dir: str) -> None:
     slashes): saving would replace or delete the model being read."""
     m, o = _real(model_dir), _real(out_dir)
     if o == m or o.startswith(m + os.sep) or m.startswith(o + os.sep):
-        raise ValueError(f"output {out_dir} would overwrite the model {model_dir} (the same folder, inside it or "
-                         f"around it): pick an output folder outside the model's")
+        raise ValueError(
+            f"output {out_dir} would overwrite the model {model_dir} (the same folder, inside it or "
+            f"around it): pick an output folder outside the model's"
+        )
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"output {out_dir} exists and is not a folder: remove it or pick another output path")
 
@@ -102,9 +104,19 @@ def remove_stale_folders(out_dir: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def save_checkpoint(model_dir: str, out_dir: str, block_tensors, blocks_prefix: str, qcfg: QuantConfig,
-                    method: str, not_converted=("lm_head",), extra_meta: dict | None = None,
-                    max_shard_bytes: int = 4 << 30, unquantized=(), fmt: str = "awq-gemm") -> list[str]:
+def save_checkpoint(
+    model_dir: str,
+    out_dir: str,
+    block_tensors,
+    blocks_prefix: str,
+    qcfg: QuantConfig,
+    method: str,
+    not_converted=("lm_head",),
+    extra_meta: dict | None = None,
+    max_shard_bytes: int = 4 << 30,
+    unquantized=(),
+    fmt: str = "awq-gemm",
+) -> list[str]:
     """block_tensors: iterable of (index, {name in block: tensor}) in order, in the GEMM layout.
     unquantized: block modules left in full precision; each block's ones are listed by full name in
     modules_to_not_convert / ignore. fmt: "awq-gemm" or "compressed-tensors" (4-bit only).
@@ -138,12 +150,19 @@ def save_checkpoint(model_dir: str, out_dir: str, block_tensors, blocks_prefix: 
             writer.add(f"{blocks_prefix}.{index}.{name}", t if t.dtype == torch.int32 else _cast(t, dtype))
     final = writer.close()
 
-    meta = {"version": __version__, "method": method, "w_bit": qcfg.w_bit, "group_size": qcfg.group_size,
-            "zero_point": qcfg.zero_point, **(extra_meta or {})}
+    meta = {
+        "version": __version__,
+        "method": method,
+        "w_bit": qcfg.w_bit,
+        "group_size": qcfg.group_size,
+        "zero_point": qcfg.zero_point,
+        **(extra_meta or {}),
+    }
     config.pop("quantization_config", None)
     if packed:
-        config["quantization_config"] = (quantization_config(qcfg, kept) if fmt == "awq-gemm"
-                                         else export_ct.quantization_config(qcfg, kept))
+        config["quantization_config"] = (
+            quantization_config(qcfg, kept) if fmt == "awq-gemm" else export_ct.quantization_config(qcfg, kept)
+        )
         config["dtype"] = "float16"
         config.pop("torch_dtype", None)
         meta["format"] = fmt
@@ -155,8 +174,12 @@ def save_checkpoint(model_dir: str, out_dir: str, block_tensors, blocks_prefix: 
         json.dump(config, f, indent=2)
     for name in os.listdir(model_dir):
         src = os.path.join(model_dir, name)
-        if os.path.isfile(src) and name != "config.json" and not name.endswith(_WEIGHT_FILES) \
-                and name != "model.safetensors.index.json":
+        if (
+            os.path.isfile(src)
+            and name != "config.json"
+            and not name.endswith(_WEIGHT_FILES)
+            and name != "model.safetensors.index.json"
+        ):
             shutil.copy2(src, os.path.join(tmp, name))
 
     if os.path.exists(out_dir):

@@ -18,7 +18,6 @@ from awqflow.stages.architectures import Architecture, ScaleGroup
 from awqflow.stages.model import set_module
 from awqflow.stages.quantize import QuantConfig, fake_quantize
 
-
 QUANTILES = (0.0, 0.01, 0.25, 0.5, 0.75, 0.99, 1.0)
 
 
@@ -50,13 +49,23 @@ def block_groups(block: nn.Module, arch: Architecture) -> list[ScaleGroup]:
         if "*" in group.prev:  # one group per match, every * standing for the same component
             rx = _pattern(group.prev)
             keys = [m.group(1) for n in names if (m := rx.fullmatch(n))]
-            found = [replace(group, prev=group.prev.replace("*", k), inspect=group.inspect.replace("*", k),
-                             linears=tuple(n.replace("*", k) for n in group.linears)) for k in keys]
+            found = [
+                replace(
+                    group,
+                    prev=group.prev.replace("*", k),
+                    inspect=group.inspect.replace("*", k),
+                    linears=tuple(n.replace("*", k) for n in group.linears),
+                )
+                for k in keys
+            ]
         else:  # every match of the linears' patterns in one group
             linears = tuple(n for p in group.linears for n in names if _pattern(p).fullmatch(n))
             found = [replace(group, linears=linears)] if linears else []
-        out += [g for g in found
-                if all(n in names for n in (g.prev, g.inspect, *g.linears, *g.also_scaled)) and group_applies(block, g)]
+        out += [
+            g
+            for g in found
+            if all(n in names for n in (g.prev, g.inspect, *g.linears, *g.also_scaled)) and group_applies(block, g)
+        ]
     return out
 
 
@@ -113,8 +122,17 @@ def _call(module: nn.Module, x: torch.Tensor, kwargs: dict | None):
     return out[0] if isinstance(out, tuple) else out
 
 
-def grid_losses(root: nn.Module, inspect: str, linears: list[str], scales: torch.Tensor, x: torch.Tensor,
-                qcfg: QuantConfig, scfg: SearchConfig, kwargs: dict | None = None, batched: bool = True) -> torch.Tensor:
+def grid_losses(
+    root: nn.Module,
+    inspect: str,
+    linears: list[str],
+    scales: torch.Tensor,
+    x: torch.Tensor,
+    qcfg: QuantConfig,
+    scfg: SearchConfig,
+    kwargs: dict | None = None,
+    batched: bool = True,
+) -> torch.Tensor:
     """Mean squared error of root's submodule `inspect`'s output, per candidate, with W -> Q(W * s) / s in
     every named linear.
 
@@ -133,13 +151,17 @@ def grid_losses(root: nn.Module, inspect: str, linears: list[str], scales: torch
         refs = [_call(root.get_submodule(inspect), xb, kwargs).float() for xb in x.split(batch)]
         sq_err = torch.zeros(n_cand, dtype=torch.float64, device=x.device)
         for start in range(0, n_cand, cand_chunk):
-            s = scales[start:start + cand_chunk].to(x.dtype)
-            trial = {n: CandidateLinear(fake_quantize_stack(lin.weight, s, qcfg), lin.bias) for n, lin in zip(linears, lins)}
+            s = scales[start : start + cand_chunk].to(x.dtype)
+            trial = {
+                n: CandidateLinear(fake_quantize_stack(lin.weight, s, qcfg), lin.bias) for n, lin in zip(linears, lins)
+            }
             with swapped_modules(root, trial):
                 module = root.get_submodule(inspect)
                 for xb, ref in zip(x.split(batch), refs):
                     out = _call(module, xb.repeat(len(s), *[1] * (xb.dim() - 1)), kwargs).float()
-                    sq_err[start:start + len(s)] += (out.view(len(s), -1) - ref.view(1, -1)).pow(2).sum(dim=1).double()
+                    sq_err[start : start + len(s)] += (
+                        (out.view(len(s), -1) - ref.view(1, -1)).pow(2).sum(dim=1).double()
+                    )
     return sq_err / sum(r.numel() for r in refs)
 
 
@@ -151,13 +173,28 @@ def fake_quantize_stack(w: torch.Tensor, s: torch.Tensor, qcfg: QuantConfig) -> 
 
 
 @torch.no_grad()
-def search_scales(block: nn.Module, group: ScaleGroup, x: torch.Tensor, qcfg: QuantConfig,
-                  scfg: SearchConfig = SearchConfig(), kwargs: dict | None = None):
+def search_scales(
+    block: nn.Module,
+    group: ScaleGroup,
+    x: torch.Tensor,
+    qcfg: QuantConfig,
+    scfg: SearchConfig = SearchConfig(),
+    kwargs: dict | None = None,
+):
     """Best per-input-channel scales for one group, and what the search saw."""
     weights = [block.get_submodule(n).weight for n in group.linears]
     alphas, cands = candidate_scales(x, weights, qcfg, scfg)
-    losses = grid_losses(block, group.inspect, list(group.linears), cands, x, qcfg, scfg,
-                         kwargs if group.inspect_takes_kwargs else None, batched=not group.routes_tokens)
+    losses = grid_losses(
+        block,
+        group.inspect,
+        list(group.linears),
+        cands,
+        x,
+        qcfg,
+        scfg,
+        kwargs if group.inspect_takes_kwargs else None,
+        batched=not group.routes_tokens,
+    )
     best = int(torch.argmin(losses))
     s = cands[best]
     info = {
@@ -168,7 +205,9 @@ def search_scales(block: nn.Module, group: ScaleGroup, x: torch.Tensor, qcfg: Qu
         "scale_max_over_mean": float(s.max() / s.mean()),
         "share_over_5x_mean": float((s > 5 * s.mean()).float().mean()),
         # enough of the distribution for a box plot per layer
-        "scale_quantiles": [float(q) for q in torch.quantile(s.float(), torch.tensor(QUANTILES, dtype=torch.float32, device=s.device))],
+        "scale_quantiles": [
+            float(q) for q in torch.quantile(s.float(), torch.tensor(QUANTILES, dtype=torch.float32, device=s.device))
+        ],
     }
     return s, info
 
@@ -178,12 +217,12 @@ def apply_scales(block: nn.Module, group: ScaleGroup, s: torch.Tensor) -> None:
     prev = block.get_submodule(group.prev)
     with torch.no_grad():
         if isinstance(prev, nn.Linear):
-            prev.weight[-len(s):].div_(s.view(-1, 1).to(prev.weight.dtype))  # the last part of a fused prev
+            prev.weight[-len(s) :].div_(s.view(-1, 1).to(prev.weight.dtype))  # the last part of a fused prev
         else:
             w = prev.weight
             w.copy_(((w.double() + group.prev_offset) / s.double() - group.prev_offset).to(w.dtype))
         if getattr(prev, "bias", None) is not None:
-            prev.bias[-len(s):].div_(s.to(prev.bias.dtype))
+            prev.bias[-len(s) :].div_(s.to(prev.bias.dtype))
         for name in group.linears + group.also_scaled:
             lin = block.get_submodule(name)
             lin.weight.mul_(s.view(1, -1).to(lin.weight.dtype))

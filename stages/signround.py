@@ -75,10 +75,22 @@ def _cast(obj, dtype):
     return obj
 
 
-def learn_rounding(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tensor, kwargs: dict,
-                   target: torch.Tensor, qcfg: QuantConfig, steps: int = 200, lr: float | None = None,
-                   batch_size: int = 8, seed: int = 0, tuning_dtype=torch.float32, progress=None,
-                   patience: int = 0, progress_every: int = 10):
+def learn_rounding(
+    block: nn.Module,
+    linears: dict[str, nn.Linear],
+    hidden: torch.Tensor,
+    kwargs: dict,
+    target: torch.Tensor,
+    qcfg: QuantConfig,
+    steps: int = 200,
+    lr: float | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    tuning_dtype=torch.float32,
+    progress=None,
+    patience: int = 0,
+    progress_every: int = 10,
+):
     """SignRound on one block. Quantizes `linears` (name relative to the block -> module; the block's
     other linears stay as they are) starting from their current weights (which may carry AWQ scales and
     clipping). `target` is the FP block's output on `hidden` (n, seqlen, h).
@@ -182,6 +194,12 @@ def learn_rounding(block: nn.Module, linears: dict[str, nn.Linear], hidden: torc
     fell_back = loss_after > loss_before
     if fell_back:
         result, loss_after, best_step = plain, loss_before, 0
-    stats = {"loss_before": loss_before, "loss_after": loss_after, "best_step": best_step,
-             "steps_run": steps_run, "best_batch_loss": best_loss, "fell_back": fell_back}
+    stats = {
+        "loss_before": loss_before,
+        "loss_after": loss_after,
+        "best_step": best_step,
+        "steps_run": steps_run,
+        "best_batch_loss": best_loss,
+        "fell_back": fell_back,
+    }
     return result, stats

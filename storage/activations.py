@@ -11,7 +11,11 @@ import numpy as np
 import torch
 import zarr
 
-_STORED_AS = {torch.float16: ("float16", None), torch.float32: ("float32", None), torch.bfloat16: ("uint16", torch.uint16)}
+_STORED_AS = {
+    torch.float16: ("float16", None),
+    torch.float32: ("float32", None),
+    torch.bfloat16: ("uint16", torch.uint16),
+}
 
 
 class ActivationStore:
@@ -30,15 +34,20 @@ class ActivationStore:
         """Write block `index`'s input; the block is marked complete only after all its data landed."""
         if not torch.isfinite(hidden).all():
             raise FloatingPointError(
-                f"the input of block {index} holds NaN/inf ({hidden.dtype}): the checkpoint's weights hold NaN/inf "
-                f"or its activations overflow; check the checkpoint (on a GPU, a bfloat16 checkpoint avoids fp16 overflow)"
+                f"the input of block {index} holds NaN/inf ({hidden.dtype}): the checkpoint's weights hold "
+                f"NaN/inf or its activations overflow; check the checkpoint (on a GPU, a bfloat16 one avoids fp16 "
+                f"overflow)"
             )
         zdtype, view = _STORED_AS[hidden.dtype]
         data = hidden.detach().cpu()
         data = (data.view(view) if view is not None else data).numpy()
         arr = self.root.create_array(
-            f"blocks/{index}/hidden", shape=data.shape, dtype=zdtype,
-            chunks=(1, *data.shape[1:]), compressors=None, overwrite=True,
+            f"blocks/{index}/hidden",
+            shape=data.shape,
+            dtype=zdtype,
+            chunks=(1, *data.shape[1:]),
+            compressors=None,
+            overwrite=True,
         )
         arr[...] = data
         arr.attrs.update({"dtype": str(hidden.dtype).removeprefix("torch."), "complete": True})

@@ -35,7 +35,9 @@ def safetensors_header(path: str) -> dict:
             header = json.loads(f.read(n))
         end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not a valid safetensors file ({e}): re-download or re-save the checkpoint") from None
+        raise ValueError(
+            f"{path} is not a valid safetensors file ({e}): re-download or re-save the checkpoint"
+        ) from None
     if 8 + n + end > size:
         raise ValueError(f"{path} is truncated ({size} of {8 + n + end} bytes): re-download or re-save the checkpoint")
     return header

@@ -26,8 +26,11 @@ def model_fingerprint(model_dir: str) -> str:
     names = sorted(n for n in os.listdir(model_dir) if n.endswith(".safetensors") or n == "config.json")
     if not names:
         raise FileNotFoundError(f"no config.json or safetensors files in {model_dir}")
-    pieces = [(name, offset) for name in names
-              for offset in range(0, max(os.path.getsize(os.path.join(model_dir, name)), 1), _PIECE)]
+    pieces = [
+        (name, offset)
+        for name in names
+        for offset in range(0, max(os.path.getsize(os.path.join(model_dir, name)), 1), _PIECE)
+    ]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         digests = pool.map(lambda p: _piece_digest(os.path.join(model_dir, p[0]), p[1]), pieces)
         h = hashlib.sha256()

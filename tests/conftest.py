@@ -39,8 +39,16 @@ def tiny_llama_config(**overrides):
     from transformers import AutoTokenizer, LlamaConfig
 
     vocab = len(AutoTokenizer.from_pretrained(FIXTURE))
-    base = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256, tie_word_embeddings=True)
+    base = dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
     return LlamaConfig(**{**base, **overrides})
 
 

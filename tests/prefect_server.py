@@ -81,11 +81,17 @@ class LocalPrefect:
         self.url = f"http://127.0.0.1:{self.port}"
         self.api = f"{self.url}/api"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-        self.env.update(PREFECT_HOME=str(self.tmp_path / "prefect-home"), PREFECT_API_URL=self.api,
-                        PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_RUNNER_POLL_FREQUENCY="1",
-                        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1",
-                        # a served Runner leaves an empty $TMPDIR/runner_storage/<uuid>
-                        TMPDIR=str(self.tmp_path / "tmp"))
+        self.env.update(
+            PREFECT_HOME=str(self.tmp_path / "prefect-home"),
+            PREFECT_API_URL=self.api,
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_RUNNER_POLL_FREQUENCY="1",
+            HF_HUB_OFFLINE="1",
+            HF_DATASETS_OFFLINE="1",
+            PYTHONUNBUFFERED="1",
+            # a served Runner leaves an empty $TMPDIR/runner_storage/<uuid>
+            TMPDIR=str(self.tmp_path / "tmp"),
+        )
         (self.tmp_path / "tmp").mkdir(exist_ok=True)
         self.prefect = str(BIN / "prefect")
         self.server_log, self.serve_log = self.tmp_path / "server.log", self.tmp_path / "serve.log"
@@ -109,17 +115,27 @@ class LocalPrefect:
         return "---- server log\n" + tail(self.server_log) + "\n---- serve log\n" + tail(self.serve_log, 8000)
 
     def start_server(self, timeout: float = 120) -> None:
-        self.procs.append(start([self.prefect, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-                                self.env, self.server_log))
-        wait_until(lambda: urllib.request.urlopen(f"{self.api}/health", timeout=2).status == 200, timeout,
-                   "/api/health", self.procs)
+        self.procs.append(
+            start(
+                [self.prefect, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+                self.env,
+                self.server_log,
+            )
+        )
+        wait_until(
+            lambda: urllib.request.urlopen(f"{self.api}/health", timeout=2).status == 200,
+            timeout,
+            "/api/health",
+            self.procs,
+        )
 
     def serve(self, *args: str, names=("quantize", "watch"), timeout: float = 90) -> subprocess.Popen:
         """`python -m awqflow.flows.deploy ARGS` (cwd tmp_path); returns once its deployments are registered."""
         from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
-        self.serve_proc = start([sys.executable, "-m", "awqflow.flows.deploy", *args], self.env, self.serve_log,
-                                cwd=self.tmp_path)
+        self.serve_proc = start(
+            [sys.executable, "-m", "awqflow.flows.deploy", *args], self.env, self.serve_log, cwd=self.tmp_path
+        )
         self.procs.append(self.serve_proc)
 
         def served():
@@ -145,8 +161,9 @@ class LocalPrefect:
             return get_client(sync_client=True)
 
     def cli(self, *args: str, cwd=None, timeout: float = 240) -> str:
-        r = subprocess.run([self.prefect, *args], env=self.env, cwd=cwd, capture_output=True, text=True,
-                           timeout=timeout)
+        r = subprocess.run(
+            [self.prefect, *args], env=self.env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+        )
         assert r.returncode == 0, f"prefect {args}:\n" + r.stdout[-3000:] + r.stderr[-3000:] + tail(self.serve_log)
         return r.stdout
 
@@ -156,8 +173,9 @@ class LocalPrefect:
 
         with self.client() as c:
             dep = c.read_deployment_by_name(name)
-            runs = c.read_flow_runs(flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(
-                any_=[dep.id])))
+            runs = c.read_flow_runs(
+                flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[dep.id]))
+            )
         manual = [r for r in runs if r.state_name != "Scheduled"]  # an interval schedule adds future runs
         return max(manual, key=lambda r: r.created)
 

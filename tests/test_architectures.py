@@ -9,10 +9,10 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
+from awqflow.load import load_model
 from awqflow.options import Options
 from awqflow.pipeline import cached_block, capture, plan, save
 from awqflow.stages.architectures import ARCHITECTURES, architecture_for
-from awqflow.load import load_model
 from awqflow.stages.model import blocks_of
 from awqflow.stages.moe import unfuse_experts
 from awqflow.stages.perplexity import perplexity
@@ -22,8 +22,15 @@ from awqflow.storage.checkpoint import CheckpointReader
 from awqflow.storage.fingerprint import tensor_fingerprint
 
 VOCAB = 256
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=128)
+SMALL = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    vocab_size=VOCAB,
+    max_position_embeddings=128,
+)
 ROPE = dict(head_dim=16)
 
 # model_type -> (config class, overrides, scale groups applied per block)
@@ -38,11 +45,17 @@ CONFIGS = {
     "opt": ("OPTConfig", dict(ffn_dim=128, word_embed_proj_dim=64, pad_token_id=1), 4),
     "gpt_neox": ("GPTNeoXConfig", dict(rotary_pct=0.5), 2),
     # 4 experts: the all-experts gate/up group + one up -> down group per expert, v -> o, q/k/v
-    "qwen3_moe": ("Qwen3MoeConfig", dict(ROPE, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
-                                         norm_topk_prob=True), 2 + 1 + 4),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        dict(ROPE, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True),
+        2 + 1 + 4,
+    ),
     # the same plus the shared expert's up -> down group
-    "qwen2_moe": ("Qwen2MoeConfig", dict(moe_intermediate_size=64, shared_expert_intermediate_size=96, num_experts=4,
-                                         num_experts_per_tok=2), 2 + 1 + 4 + 1),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(moe_intermediate_size=64, shared_expert_intermediate_size=96, num_experts=4, num_experts_per_tok=2),
+        2 + 1 + 4 + 1,
+    ),
     # qwen3_moe's groups; checkpoints name the experts block_sparse_moe.experts.N.w1/w2/w3
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2), 2 + 1 + 4),
 }

@@ -4,6 +4,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from awqflow.stages.calibration import calibration_windows
+
 from conftest import CALIB, FIXTURE
 
 

@@ -14,8 +14,15 @@ from awqflow.stages.check import check_checkpoint
 def checkpoint(tmp_path_factory):
     """intermediate 96: down_proj (row-parallel) has in 96, so tp=2 leaves 48 per shard, not a whole group of 32."""
     folder = tmp_path_factory.mktemp("check")
-    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=4, vocab_size=128, max_position_embeddings=64)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
     AutoModelForCausalLM.from_config(config).to(torch.float16).save_pretrained(folder / "fp")
     p = plan(str(folder / "fp"), Options(method="rtn", group_size=32))
     cache = str(folder / "cache")

@@ -19,15 +19,17 @@ def awqflow(*args, timeout=600):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("AWQFLOW_DEBUG", None)
     t = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "awqflow", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "awqflow", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env
+    )
     proc.seconds = time.monotonic() - t
     return proc
 
 
 def quantize(model, out, *extra):
-    return awqflow("quantize", "--model", model, "--out", out, "--calib", CALIB, "--n-samples", 4, "--seqlen", 64,
-                   *extra)
+    return awqflow(
+        "quantize", "--model", model, "--out", out, "--calib", CALIB, "--n-samples", 4, "--seqlen", 64, *extra
+    )
 
 
 def assert_refused(proc, *needles, within_s: float = 30):
@@ -52,8 +54,9 @@ def test_missing_model_folder(tmp_path):
 def test_unknown_architecture(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
-    assert_refused(quantize(tmp_path / "m", tmp_path / "o"), "unsupported architecture model_type='gpt2'",
-                   "llama", "mixtral")
+    assert_refused(
+        quantize(tmp_path / "m", tmp_path / "o"), "unsupported architecture model_type='gpt2'", "llama", "mixtral"
+    )
 
 
 def test_truncated_safetensors(model, tmp_path):
@@ -80,21 +83,31 @@ def test_empty_calibration_file(model, tmp_path):
 
 def test_too_short_calibration_text(model, tmp_path):
     (tmp_path / "short.txt").write_text("just a few words\n")
-    assert_refused(awqflow("quantize", "--model", model, "--out", tmp_path / "o", "--calib", tmp_path / "short.txt"),
-                   "tokens, fewer than", "--n-samples", within_s=60)
+    assert_refused(
+        awqflow("quantize", "--model", model, "--out", tmp_path / "o", "--calib", tmp_path / "short.txt"),
+        "tokens, fewer than",
+        "--n-samples",
+        within_s=60,
+    )
     assert not (tmp_path / "o").exists()
 
 
 def test_group_size_that_does_not_divide(tmp_path):
     model = save_tiny(tmp_path / "m", tiny_llama_config(hidden_size=96, intermediate_size=192))
-    assert_refused(quantize(model, tmp_path / "o", "--group-size", "64"), "not divisible by group_size=64",
-                   "cannot be quantized")
+    assert_refused(
+        quantize(model, tmp_path / "o", "--group-size", "64"), "not divisible by group_size=64", "cannot be quantized"
+    )
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("flag,value,needle", [("--w-bit", "8", "w_bit=8: Input should be 4 or 3"),
-                                               ("--group-size", "48", "group_size=48"),
-                                               ("--method", "nope", "unknown method 'nope'")])
+@pytest.mark.parametrize(
+    "flag,value,needle",
+    [
+        ("--w-bit", "8", "w_bit=8: Input should be 4 or 3"),
+        ("--group-size", "48", "group_size=48"),
+        ("--method", "nope", "unknown method 'nope'"),
+    ],
+)
 def test_bad_option_values(model, tmp_path, flag, value, needle):
     assert_refused(quantize(model, tmp_path / "o", flag, value), needle)
 
@@ -131,8 +144,10 @@ def test_out_that_is_a_file(model, tmp_path):
 
 
 def test_no_disk_space_for_the_activations(model, tmp_path):
-    assert_refused(awqflow("quantize", "--model", model, "--out", tmp_path / "o", "--calib", CALIB,
-                           "--n-samples", 10**9), "not enough disk for the activation store")
+    assert_refused(
+        awqflow("quantize", "--model", model, "--out", tmp_path / "o", "--calib", CALIB, "--n-samples", 10**9),
+        "not enough disk for the activation store",
+    )
 
 
 def test_debug_switch_shows_the_traceback(tmp_path):
@@ -144,7 +159,8 @@ def test_ppl_of_a_missing_model_is_one_line(tmp_path):
     proc = awqflow("ppl", "--model", tmp_path, "--text", "x.txt")
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
-        f"awqflow: error: no config.json in {tmp_path}: pass a Hugging Face model directory"]
+        f"awqflow: error: no config.json in {tmp_path}: pass a Hugging Face model directory"
+    ]
 
 
 def test_quantize_then_ppl_json_with_kl(model, tmp_path):

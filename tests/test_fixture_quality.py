@@ -8,11 +8,12 @@ import pytest
 from transformers import AutoTokenizer
 
 from awqflow import pipeline
+from awqflow.load import load_model
 from awqflow.options import Options
 from awqflow.stages.calibration import calibration_windows
-from awqflow.load import load_model
 from awqflow.stages.perplexity import eval_windows, perplexity
 from awqflow.storage.fingerprint import tensor_fingerprint
+
 from conftest import CALIB, EVAL, FIXTURE, ROOT
 
 BASELINE = json.loads((ROOT / "bench" / "results" / "compare_llmcompressor.json").read_text())

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from awqflow import pipeline
 from awqflow.flows.awq import awq
 from awqflow.options import Options
+
 from conftest import CALIB
 
 SMALL = dict(calib=str(CALIB), n_samples=6, seqlen=64)
@@ -51,8 +52,9 @@ def test_thread_runner_with_two_workers_matches_the_plain_pipeline(tiny_model, r
 
 
 @pytest.mark.parametrize("runner,address_variable", [("dask", "DASK_SCHEDULER_ADDRESS"), ("ray", "RAY_ADDRESS")])
-def test_local_cluster_matches_the_plain_pipeline(runner, address_variable, tiny_model, reference, tmp_path,
-                                                   monkeypatch):
+def test_local_cluster_matches_the_plain_pipeline(
+    runner, address_variable, tiny_model, reference, tmp_path, monkeypatch
+):
     monkeypatch.delenv(address_variable, raising=False)  # a local cluster, started and stopped by the runner
     out = tmp_path / "awq"
     awq(model=str(tiny_model), out=str(out), options=opts(devices=["cpu", "cpu"], task_runner=runner))
@@ -78,9 +80,24 @@ def test_rerun_recomputes_nothing_and_corrupt_entries_are_recomputed(tiny_model,
 
 
 def cli(model, out, work):
-    return [sys.executable, "-m", "awqflow", "quantize", "--model", str(model), "--out", str(out),
-            "--work-dir", str(work), "--calib", SMALL["calib"], "--n-samples", str(SMALL["n_samples"]),
-            "--seqlen", str(SMALL["seqlen"])]
+    return [
+        sys.executable,
+        "-m",
+        "awqflow",
+        "quantize",
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--work-dir",
+        str(work),
+        "--calib",
+        SMALL["calib"],
+        "--n-samples",
+        str(SMALL["n_samples"]),
+        "--seqlen",
+        str(SMALL["seqlen"]),
+    ]
 
 
 def test_kill_9_during_block_search_then_resume_is_bit_identical(tiny_model, reference, tmp_path):
@@ -98,8 +115,10 @@ def test_kill_9_during_block_search_then_resume_is_bit_identical(tiny_model, ref
 
 def test_two_runs_sharing_one_cache_at_once(tiny_model, reference, tmp_path):
     work = tmp_path / "work"
-    procs = [subprocess.Popen(cli(tiny_model, tmp_path / f"out{i}", work), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE) for i in range(2)]
+    procs = [
+        subprocess.Popen(cli(tiny_model, tmp_path / f"out{i}", work), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for i in range(2)
+    ]
     for p in procs:
         assert p.wait(timeout=600) == 0, p.stderr.read()
     assert_same_checkpoint(tmp_path / "out0", reference)

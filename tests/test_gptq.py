@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from awqflow.stages.gptq import add_to_hessian, gptq_codes
-from awqflow.storage.gemm import dequantize_gemm, pack_gemm, unpack_gemm
 from awqflow.stages.quantize import QuantConfig, dequantize_codes, fake_quantize, quantize_codes
+from awqflow.storage.gemm import dequantize_gemm, pack_gemm, unpack_gemm
 
 N_TOK, IN, OUT = 384, 256, 64
 
@@ -36,13 +36,13 @@ def naive_gptq(w, h, qcfg, damp=0.01):
     codes = torch.empty(w.shape, dtype=torch.int32)
     for i in range(w.shape[1]):
         if i % g == 0:
-            _, s, z = quantize_codes(w[:, i:i + g].float(), one_group)
+            _, s, z = quantize_codes(w[:, i : i + g].float(), one_group)
             s, z = s[:, 0].double(), z[:, 0].double()
         q = (torch.round(w[:, i] / s) + z).clamp(0, qmax)
         codes[:, i] = q.int()
         err = w[:, i] - (q - z) * s
-        w[:, i + 1:] -= (err / hinv[i, i])[:, None] * hinv[i, i + 1:][None, :]
-        hinv = hinv - hinv[:, i:i + 1] @ hinv[i:i + 1, :] / hinv[i, i]
+        w[:, i + 1 :] -= (err / hinv[i, i])[:, None] * hinv[i, i + 1 :][None, :]
+        hinv = hinv - hinv[:, i : i + 1] @ hinv[i : i + 1, :] / hinv[i, i]
     return codes
 
 
@@ -94,8 +94,11 @@ def test_block_size_does_not_change_the_result(qcfg):
     torch.testing.assert_close(a[1], b[1], rtol=1e-3, atol=0)
 
 
-@pytest.mark.parametrize("qcfg", [QuantConfig(4, 128, True), QuantConfig(4, 64, False), QuantConfig(3, 64, True)],
-                         ids=["w4g128", "w4g64sym", "w3g64"])
+@pytest.mark.parametrize(
+    "qcfg",
+    [QuantConfig(4, 128, True), QuantConfig(4, 64, False), QuantConfig(3, 64, True)],
+    ids=["w4g128", "w4g64sym", "w3g64"],
+)
 def test_output_format_matches_quantize_codes_and_gemm_roundtrips(qcfg):
     x, w = correlated_layer(seed=2)
     h, _ = add_to_hessian(None, x, 0)

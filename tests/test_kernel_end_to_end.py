@@ -5,9 +5,10 @@ import torch
 from transformers import AutoTokenizer
 
 from awqflow import pipeline
-from awqflow.options import Options
 from awqflow.load import load_model
+from awqflow.options import Options
 from awqflow.stages.perplexity import eval_windows, perplexity
+
 from conftest import EVAL, FIXTURE
 
 
@@ -24,6 +25,7 @@ def test_triton_path_perplexity_equals_reference(tmp_path, monkeypatch):
     monkeypatch.setenv("AWQFLOW_FORCE_TRITON", "1")
     calls = []
     from awqflow.kernels import quant_linear
+
     original = quant_linear.use_triton
     monkeypatch.setattr(quant_linear, "use_triton", lambda x: calls.append(1) or original(x))
     triton = perplexity(model, windows)

@@ -16,8 +16,8 @@ import torch
 
 from awqflow.kernels.quant_linear import QuantLinear
 from awqflow.kernels.reference import w4a16_matmul_reference
-from awqflow.storage.gemm import dequantize_gemm, pack_gemm
 from awqflow.stages.quantize import QuantConfig, quantize_codes
+from awqflow.storage.gemm import dequantize_gemm, pack_gemm
 
 pytest.importorskip("triton")
 from awqflow.kernels.w4a16_gemm import w4a16_gemm  # noqa: E402
@@ -51,8 +51,7 @@ def make_x(shape, dtype, device=DEVICE, seed=1):
 
 def expected(x, qweight, qzeros, scales, group, bias=None):
     """The reference in fp32 (exact products, one final rounding), in x's dtype."""
-    ref = w4a16_matmul_reference(x.float(), qweight, qzeros, scales, group,
-                                 None if bias is None else bias.float())
+    ref = w4a16_matmul_reference(x.float(), qweight, qzeros, scales, group, None if bias is None else bias.float())
     return ref.to(x.dtype)
 
 
@@ -194,16 +193,17 @@ _COMPILE_SCRIPT = textwrap.dedent("""
 def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=600)
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
 
 
 # ---------------------------------------------------------------- CUDA: Llama-sized layers
 CUDA_SHAPES = [(4096, 4096, 128), (4096, 11008, 64), (11008, 4096, 32)]
-CUDA_CASES = ([("gemm", m, s, torch.float16) for s in CUDA_SHAPES for m in (17, 300)]
-              + [("splitk", m, s, torch.float16) for s in CUDA_SHAPES for m in (1, 16)]
-              + [("gemm", 64, CUDA_SHAPES[0], torch.bfloat16), ("splitk", 4, CUDA_SHAPES[0], torch.bfloat16)])
+CUDA_CASES = (
+    [("gemm", m, s, torch.float16) for s in CUDA_SHAPES for m in (17, 300)]
+    + [("splitk", m, s, torch.float16) for s in CUDA_SHAPES for m in (1, 16)]
+    + [("gemm", 64, CUDA_SHAPES[0], torch.bfloat16), ("splitk", 4, CUDA_SHAPES[0], torch.bfloat16)]
+)
 
 
 @cuda_only

@@ -17,6 +17,7 @@ from awqflow.stages import methods
 from awqflow.stages.method import Method, quantized_linears
 from awqflow.stages.quantize import QuantConfig, dequantize_codes, quantize_codes
 from awqflow.storage.gemm import dequantize_gemm
+
 from conftest import ROOT
 
 
@@ -54,8 +55,22 @@ def test_every_option_is_reachable_from_the_cli(name):
 
 
 def test_autoawq_names_are_aliases():
-    args = cli.build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--w_bit", "3",
-                                          "--q_group_size", "64", "--no-zero-point", "--version", "GEMM"])
+    args = cli.build_parser().parse_args(
+        [
+            "quantize",
+            "--model",
+            "m",
+            "--out",
+            "o",
+            "--w_bit",
+            "3",
+            "--q_group_size",
+            "64",
+            "--no-zero-point",
+            "--version",
+            "GEMM",
+        ]
+    )
     assert cli.options_from(args) == Options(w_bit=3, group_size=64, zero_point=False, format="awq-gemm")
 
 
@@ -103,6 +118,7 @@ def test_a_bad_value_is_one_line_from_every_entry_point(capsys):
 
 # ------------------------------------------------------------------ a method is a module plus a registry line
 
+
 def round_with_clip(block, arch, inputs, opts):
     """The toy method: round to nearest after clipping every weight to 90 % of its row's range."""
     codes = {}
@@ -118,8 +134,9 @@ TOY = Method("toy-clip", round_with_clip, needs_inputs=False)
 
 def test_a_new_method_is_one_module_and_one_registry_line(monkeypatch, tiny_model, tmp_path):
     monkeypatch.setitem(methods.METHODS, TOY.name, TOY)  # the registry line
-    result = pipeline.run(str(tiny_model), str(tmp_path / "toy"), Options(method="toy-clip", group_size=64,
-                                                                          work_dir=str(tmp_path / "w")))
+    result = pipeline.run(
+        str(tiny_model), str(tmp_path / "toy"), Options(method="toy-clip", group_size=64, work_dir=str(tmp_path / "w"))
+    )
     assert result["stats"] == {0: {"clipped": 0.9}, 1: {"clipped": 0.9}}
     saved = load_file(tmp_path / "toy" / "model.safetensors")
     fp = load_file(Path(tiny_model) / "model.safetensors")

@@ -3,8 +3,8 @@ import importlib.util
 import pytest
 import torch
 
-from awqflow.storage.gemm import AWQ_ORDER, dequantize_gemm, pack_gemm, unpack_gemm
 from awqflow.stages.quantize import QuantConfig, fake_quantize, quantize_codes
+from awqflow.storage.gemm import AWQ_ORDER, dequantize_gemm, pack_gemm, unpack_gemm
 
 
 def autoawq_packing_utils():

@@ -24,10 +24,20 @@ def fake_stats(n_blocks: int, string_keys: bool = False) -> dict:
         groups = {}
         for name, m in GROUPS.items():
             q = [m * f * (1 + 0.1 * b) for f in (0.3, 0.5, 0.8, 1.0, 1.3, 3.0, 9.0)]
-            groups[name] = {"alpha": 0.5, "loss": 0.1, "loss_identity": 0.2, "scale_mean": q[3] * 1.1,
-                            "scale_max_over_mean": q[6] / q[3], "share_over_5x_mean": 0.01, "scale_quantiles": q}
-        stats[str(b) if string_keys else b] = {"groups": groups, "output_mse_rtn": 0.1 * (b + 1),
-                                               "output_mse_awq": 0.02 * (b + 1)}
+            groups[name] = {
+                "alpha": 0.5,
+                "loss": 0.1,
+                "loss_identity": 0.2,
+                "scale_mean": q[3] * 1.1,
+                "scale_max_over_mean": q[6] / q[3],
+                "share_over_5x_mean": 0.01,
+                "scale_quantiles": q,
+            }
+        stats[str(b) if string_keys else b] = {
+            "groups": groups,
+            "output_mse_rtn": 0.1 * (b + 1),
+            "output_mse_awq": 0.02 * (b + 1),
+        }
     return stats
 
 
@@ -41,8 +51,10 @@ def png_size(path) -> tuple[int, int]:
 @pytest.mark.parametrize("n_blocks,string_keys", [(4, False), (32, True)])
 def test_plots_are_valid_pngs_of_sensible_size(tmp_path, n_blocks, string_keys):
     made = plots.write_plots(fake_stats(n_blocks, string_keys), str(tmp_path / "run.report"))
-    assert set(made.values()) == {str(tmp_path / "run.report" / "scales.png"),
-                                  str(tmp_path / "run.report" / "block-error.png")}
+    assert set(made.values()) == {
+        str(tmp_path / "run.report" / "scales.png"),
+        str(tmp_path / "run.report" / "block-error.png"),
+    }
     for path in made.values():
         w, h = png_size(path)
         assert 400 <= w <= 2200 and 250 <= h <= 1600, (path, w, h)

@@ -14,13 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CALIB, EVAL, FIXTURE, ROOT
 from prefect_server import LocalPrefect
 
 from awqflow.flows import watch
 
+from conftest import CALIB, EVAL, FIXTURE, ROOT
 
 # ---------------------------------------------------------------- scan / skip logic (no Prefect)
+
 
 def fake_checkpoint(path: Path, weights: bytes) -> Path:
     path.mkdir(parents=True, exist_ok=True)
@@ -113,13 +114,24 @@ def test_output_root_inside_checkpoints_is_not_scanned(tmp_path):
 def test_deploy_cli_builds_both_deployments():
     from awqflow.flows import deploy
 
-    args = deploy.build_parser().parse_args(["--checkpoints", "c", "--output-root", "o", "--cron", "*/5 * * * *",
-                                             "--param", "n_samples=16", "--param", "settle_s=0"])
+    args = deploy.build_parser().parse_args(
+        [
+            "--checkpoints",
+            "c",
+            "--output-root",
+            "o",
+            "--cron",
+            "*/5 * * * *",
+            "--param",
+            "n_samples=16",
+            "--param",
+            "settle_s=0",
+        ]
+    )
     quantize, watch_dep = deploy.deployments(args)
     assert (quantize.name, watch_dep.name) == ("quantize", "watch")
     assert quantize.parameters == {"options": {"n_samples": 16}} and not quantize.schedules
-    assert watch_dep.parameters == {"options": {"n_samples": 16}, "settle_s": 0, "checkpoints": "c",
-                                    "output_root": "o"}
+    assert watch_dep.parameters == {"options": {"n_samples": 16}, "settle_s": 0, "checkpoints": "c", "output_root": "o"}
     assert watch_dep.schedules[0].schedule.cron == "*/5 * * * *"
     assert quantize.entrypoint == "awqflow.flows.awq.awq"
     with pytest.raises(SystemExit):
@@ -129,6 +141,7 @@ def test_deploy_cli_builds_both_deployments():
 
 
 # ---------------------------------------------------------------- a real server
+
 
 @pytest.mark.skipif(not FIXTURE.exists(), reason="needs the fixture model (python fixture/build.py)")
 def test_deployments_on_a_real_server(tmp_path, tiny_model):
@@ -146,27 +159,52 @@ def test_deployments_on_a_real_server(tmp_path, tiny_model):
     with LocalPrefect(tmp_path) as lp:
         lp.start_server()
         lap("server healthy")
-        lp.serve("--checkpoints", str(ckpts), "--output-root", str(out_root), "--interval", "3600",
-                 "--param", f"calib={calib}", "--param", "n_samples=4", "--param", "seqlen=64",
-                 "--param", "settle_s=0")
+        lp.serve(
+            "--checkpoints",
+            str(ckpts),
+            "--output-root",
+            str(out_root),
+            "--interval",
+            "3600",
+            "--param",
+            f"calib={calib}",
+            "--param",
+            "n_samples=4",
+            "--param",
+            "seqlen=64",
+            "--param",
+            "settle_s=0",
+        )
         lap("deployments served")
-        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, \
-            FlowRunFilterParentFlowRunId
+        from prefect.client.schemas.filters import (
+            ArtifactFilter,
+            ArtifactFilterFlowRunId,
+            FlowRunFilter,
+            FlowRunFilterParentFlowRunId,
+        )
 
         # 1. awq/quantize, as a user types it (the calibration defaults come from `--param`).
         # A run's options replace the deployment's as a whole (Prefect merges parameters by name).
         options = {"calib": str(calib), "n_samples": 4, "seqlen": 64}
-        run = lp.deployment_run("awq/quantize", f"model={tiny_model}", f"out={out}",
-                                "options=" + json.dumps({**options, "eval_text": str(eval_text), "eval_seqlen": 64}))
+        run = lp.deployment_run(
+            "awq/quantize",
+            f"model={tiny_model}",
+            f"out={out}",
+            "options=" + json.dumps({**options, "eval_text": str(eval_text), "eval_seqlen": 64}),
+        )
         lap("awq/quantize run finished")
         assert run.state.is_completed(), run.state
         assert run.parameters["options"]["n_samples"] == 4 and run.parameters["model"] == str(tiny_model)
         with lp.client() as c:
-            children = c.read_flow_runs(flow_run_filter=FlowRunFilter(
-                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
+            children = c.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id]))
+            )
             assert [ch.name for ch in children] and all(ch.state.is_completed() for ch in children)
-            artifacts = c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
-                any_=[run.id, *[ch.id for ch in children]])))
+            artifacts = c.read_artifacts(
+                artifact_filter=ArtifactFilter(
+                    flow_run_id=ArtifactFilterFlowRunId(any_=[run.id, *[ch.id for ch in children]])
+                )
+            )
         by_key = {a.key: a for a in artifacts}
         assert {"awq-report", "awq-scale-stats", "awq-blocks"} <= set(by_key), sorted(by_key)
         assert by_key["awq-blocks"].type == "progress" and float(by_key["awq-blocks"].data) == 100.0
@@ -179,7 +217,7 @@ def test_deployments_on_a_real_server(tmp_path, tiny_model):
         first = lp.deployment_run("requantize/watch")
         assert first.state.is_completed(), first.state
         ledger = json.loads((out_root / watch.LEDGER).read_text())
-        (fp, done), = ledger["done"]["tiny"].items()
+        ((fp, done),) = ledger["done"]["tiny"].items()
         assert done == str(out_root / f"tiny-{fp[:12]}") and (Path(done) / "config.json").exists()
         lap("requantize/watch run 1 finished")
         second = lp.deployment_run("requantize/watch")
@@ -187,8 +225,11 @@ def test_deployments_on_a_real_server(tmp_path, tiny_model):
         assert second.state.is_completed(), second.state
         assert "tiny: unchanged" in lp.serve_log.read_text(errors="replace")[-20000:]
         with lp.client() as c:
-            subflows = c.read_flow_runs(flow_run_filter=FlowRunFilter(
-                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[first.id, second.id])))
+            subflows = c.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[first.id, second.id])
+                )
+            )
         assert [s.name for s in subflows] == [f"awq-tiny-{fp[:12]}"]  # only the first run quantized
 
         # 3. The worker route: prefect.yaml + a process work pool + a worker. Stop the serve process first:
@@ -198,8 +239,17 @@ def test_deployments_on_a_real_server(tmp_path, tiny_model):
         lp.cli("--no-prompt", "deploy", "--all", cwd=ROOT)
         lap("serve stopped, prefect.yaml deployed")
         out2 = tmp_path / "quantized-by-worker"
-        lp.cli("deployment", "run", "awq/quantize", "-p", f"model={tiny_model}", "-p", f"out={out2}",
-               "-p", "options=" + json.dumps(options))
+        lp.cli(
+            "deployment",
+            "run",
+            "awq/quantize",
+            "-p",
+            f"model={tiny_model}",
+            "-p",
+            f"out={out2}",
+            "-p",
+            "options=" + json.dumps(options),
+        )
         lp.cli("worker", "start", "--pool", "awqflow", "--run-once", cwd=tmp_path)
         run = lp.last_run("awq/quantize")
         assert run.state.is_completed() and run.work_pool_name == "awqflow", run.state

@@ -9,14 +9,26 @@ from awqflow.stages.architectures import LLAMA
 from awqflow.stages.block import checkpoint_tensors, collect_linear_inputs, search_block
 from awqflow.stages.method import linears_of, round_linears
 from awqflow.stages.quantize import QuantConfig, fake_quantize
-from awqflow.stages.scales import (SearchConfig, apply_scales, candidate_scales, grid_losses, group_applies,
-                                   search_scales)
+from awqflow.stages.scales import (
+    SearchConfig,
+    apply_scales,
+    candidate_scales,
+    grid_losses,
+    group_applies,
+    search_scales,
+)
 
 
 def make_block(kv_heads: int, dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=kv_heads,
-                         max_position_embeddings=64, attn_implementation="sdpa")
+    config = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=64,
+        attn_implementation="sdpa",
+    )
     block = LlamaDecoderLayer(config, layer_idx=0).to(dtype)
     with torch.no_grad():
         for name, p in block.named_parameters():
@@ -24,8 +36,11 @@ def make_block(kv_heads: int, dtype=torch.float64, seed=0):
             p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in name else 0.08 * torch.randn_like(p))
     seqlen = 32
     pos = torch.arange(seqlen)[None]
-    kwargs = {"position_embeddings": LlamaRotaryEmbedding(config)(torch.zeros(1, dtype=dtype), pos),
-              "attention_mask": None, "position_ids": pos}
+    kwargs = {
+        "position_embeddings": LlamaRotaryEmbedding(config)(torch.zeros(1, dtype=dtype), pos),
+        "attention_mask": None,
+        "position_ids": pos,
+    }
     return block.eval(), kwargs
 
 
@@ -113,7 +128,10 @@ def test_awq_block_beats_rtn_block_on_outlier_inputs():
     assert len(stats["groups"]) == 3
     awq_err = block_output_error(awq, fp, x, kwargs, qcfg)
     assert awq_err < rtn_err
-    assert abs(stats["output_mse_rtn"] - rtn_err) < 1e-6 * rtn_err and abs(stats["output_mse_awq"] - awq_err) < 1e-5 * awq_err
+    assert (
+        abs(stats["output_mse_rtn"] - rtn_err) < 1e-6 * rtn_err
+        and abs(stats["output_mse_awq"] - awq_err) < 1e-5 * awq_err
+    )
 
 
 def test_checkpoint_tensors_are_packed_for_4_bit_and_dense_for_3_bit():

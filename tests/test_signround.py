@@ -10,6 +10,7 @@ from awqflow.stages.block import linears_of
 from awqflow.stages.model import block_kwargs, run_block
 from awqflow.stages.quantize import QuantConfig, dequantize_codes, quantize_codes
 from awqflow.stages.signround import learn_rounding, quantize_learned
+
 from conftest import tiny_llama_config
 
 SEQLEN, N_SAMPLES = 32, 8
@@ -134,8 +135,9 @@ def test_fp16_block_leaves_weights_and_dtypes_alone(toy):
     half = copy.deepcopy(block).half()
     before = {k: t.clone() for k, t in half.state_dict().items()}
     qcfg = CONFIGS[1]
-    result, stats = learn_rounding(half, linears_of(half), hidden.half(), kwargs, target.half(), qcfg,
-                                   steps=10, batch_size=4)
+    result, stats = learn_rounding(
+        half, linears_of(half), hidden.half(), kwargs, target.half(), qcfg, steps=10, batch_size=4
+    )
     assert all(torch.equal(t, before[k]) and t.dtype == torch.float16 for k, t in half.state_dict().items())
     assert stats["loss_after"] <= stats["loss_before"]
     assert result["mlp.down_proj"][0].dtype == torch.int32
@@ -144,8 +146,9 @@ def test_fp16_block_leaves_weights_and_dtypes_alone(toy):
 def test_only_the_given_linears_are_quantized_and_early_stop(toy):
     block = toy[0]
     subset = {n: m for n, m in linears_of(block).items() if n.startswith("mlp.")}
-    result, stats = learn_rounding(block, subset, toy[2], toy[1], toy[3], CONFIGS[0], steps=50, batch_size=2,
-                                   patience=3)
+    result, stats = learn_rounding(
+        block, subset, toy[2], toy[1], toy[3], CONFIGS[0], steps=50, batch_size=2, patience=3
+    )
     assert set(result) == set(subset)
     # stopped once 3 steps went by without a new best minibatch loss
     assert stats["steps_run"] < 50 and stats["steps_run"] - 1 - stats["best_step"] == 3

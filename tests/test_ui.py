@@ -19,20 +19,33 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CALIB, EVAL, FIXTURE, ROOT
 from prefect_server import LocalPrefect
 
 from awqflow.flows.plots import COLORS
 
+from conftest import CALIB, EVAL, FIXTURE, ROOT
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SHOTS = ROOT / "test-artifacts" / "ui"
 # Root (no sandbox), no GPU, a closed network (no background connections), a fresh profile per page.
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--hide-scrollbars", "--force-device-scale-factor=1"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--force-device-scale-factor=1",
+]
 
-pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make test installs it)"),
-              pytest.mark.skipif(not FIXTURE.exists(), reason="needs the fixture model (python fixture/build.py)")]
+pytestmark = [
+    pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make test installs it)"),
+    pytest.mark.skipif(not FIXTURE.exists(), reason="needs the fixture model (python fixture/build.py)"),
+]
 
 
 def visible_text(dom: str) -> str:
@@ -47,10 +60,19 @@ def browse(url: str, shot: Path, expect: tuple[str, ...] = (), size=(1400, 1000)
     dom, text, err = "", "", ""
     for budget_ms in (10_000, 30_000, 60_000):
         with tempfile.TemporaryDirectory(prefix="chromium-", ignore_cleanup_errors=True) as profile:
-            cmd = [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", f"--window-size={size[0]},{size[1]}",
-                   f"--virtual-time-budget={budget_ms}", f"--screenshot={shot}", "--dump-dom", url]
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    start_new_session=True)
+            cmd = [
+                CHROMIUM,
+                *FLAGS,
+                f"--user-data-dir={profile}",
+                f"--window-size={size[0]},{size[1]}",
+                f"--virtual-time-budget={budget_ms}",
+                f"--screenshot={shot}",
+                "--dump-dom",
+                url,
+            ]
+            proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+            )
             try:
                 dom, err = proc.communicate(timeout=90 + budget_ms / 1000)
             except subprocess.TimeoutExpired:
@@ -94,14 +116,19 @@ def ui_run(tmp_path_factory):
         lp.start_server()
         lp.serve("--param", f"calib={calib}", "--param", "n_samples=4", "--param", "seqlen=64")
         options = {"calib": str(calib), "n_samples": 4, "seqlen": 64, "eval_text": str(eval_text), "eval_seqlen": 64}
-        run = lp.deployment_run("awq/quantize", f"model={FIXTURE}", f"out={tmp / 'quantized'}",
-                                "options=" + json.dumps(options))
+        run = lp.deployment_run(
+            "awq/quantize", f"model={FIXTURE}", f"out={tmp / 'quantized'}", "options=" + json.dumps(options)
+        )
         assert run.state.is_completed(), run.state
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
         with lp.client() as c:
-            artifacts = {a.key: a for a in c.read_artifacts(artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))}
+            artifacts = {
+                a.key: a
+                for a in c.read_artifacts(
+                    artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
+                )
+            }
         assert {"awq-report", "awq-scale-stats"} <= set(artifacts), sorted(artifacts)
         print(f"{time.monotonic() - t0:.1f} s: server, deployments and the fixture run; screenshots in {SHOTS}")
         yield lp, run, artifacts, tmp
@@ -109,13 +136,19 @@ def ui_run(tmp_path_factory):
 
 def test_flow_run_page_shows_the_completed_run(ui_run):
     lp, run, artifacts, _ = ui_run
-    _, text = browse(f"{lp.url}/v2/runs/flow-run/{run.id}", SHOTS / "flow-run.png",
-                     expect=(run.name, "Completed", "quantize", f"Beginning flow run '{run.name}' for flow 'awq'"))
+    _, text = browse(
+        f"{lp.url}/v2/runs/flow-run/{run.id}",
+        SHOTS / "flow-run.png",
+        expect=(run.name, "Completed", "quantize", f"Beginning flow run '{run.name}' for flow 'awq'"),
+    )
     header = text.replace("Finished in state Completed()", "")  # the state badge, not a log line
     assert re.search(rf"{re.escape(run.name)} Completed\b", header), header[:1500]
 
-    _, text = browse(f"{lp.url}/v2/runs/flow-run/{run.id}?tab=Artifacts", SHOTS / "flow-run-artifacts.png",
-                     expect=("awq-report", "awq-scale-stats", "AWQ run report", "per-layer AWQ scale statistics"))
+    _, text = browse(
+        f"{lp.url}/v2/runs/flow-run/{run.id}?tab=Artifacts",
+        SHOTS / "flow-run-artifacts.png",
+        expect=("awq-report", "awq-scale-stats", "AWQ run report", "per-layer AWQ scale statistics"),
+    )
     assert re.search(r"markdown\s+awq-report", text, re.I) and re.search(r"table\s+awq-scale-stats", text, re.I)
 
 
@@ -124,10 +157,16 @@ def test_report_artifact_shows_perplexity_and_plots(ui_run):
     report = artifacts["awq-report"]
     ppl = dict(re.findall(r"^\| (FP|RTN|AWQ) \| ([0-9.]+) \|", report.data, re.M))
     assert set(ppl) == {"FP", "RTN", "AWQ"}, report.data[:2000]
-    for label, shot, url in [("v2", SHOTS / "report.png", f"{lp.url}/v2/artifacts/artifact/{report.id}"),
-                             ("v1", SHOTS / "report-v1.png", f"{lp.url}/artifacts/artifact/{report.id}")]:
-        dom, text = browse(url, shot, size=(1400, 2400),
-                           expect=("Perplexity", "Plots", "Time per stage", *[f"{k} {v}" for k, v in ppl.items()]))
+    for label, shot, url in [
+        ("v2", SHOTS / "report.png", f"{lp.url}/v2/artifacts/artifact/{report.id}"),
+        ("v1", SHOTS / "report-v1.png", f"{lp.url}/artifacts/artifact/{report.id}"),
+    ]:
+        dom, text = browse(
+            url,
+            shot,
+            size=(1400, 2400),
+            expect=("Perplexity", "Plots", "Time per stage", *[f"{k} {v}" for k, v in ppl.items()]),
+        )
         assert len(re.findall(r"<img[^>]*src=\"data:image/png;base64,", dom)) >= 2, f"{label}: no plots in the DOM"
         # The pictures are painted, not just in the DOM: the AWQ bars and the box faces are on the screen.
         assert painted(shot, "#4C72B0") > 2000, f"{label}: the block-error bars are not on {shot}"
@@ -141,9 +180,16 @@ def test_report_artifact_shows_perplexity_and_plots(ui_run):
 def test_scale_stats_artifact_shows_the_table(ui_run):
     lp, run, artifacts, _ = ui_run
     table = artifacts["awq-scale-stats"]
-    columns = ("block", "group", "alpha", "loss_identity", "loss", "scale_mean", "max_over_mean",
-               "share_over_5x_mean")
+    columns = ("block", "group", "alpha", "loss_identity", "loss", "scale_mean", "max_over_mean", "share_over_5x_mean")
     first = json.loads(table.data)[0]
-    browse(f"{lp.url}/v2/artifacts/artifact/{table.id}", SHOTS / "scale-stats.png", size=(1920, 1000),
-           expect=(" ".join(columns), f"{first['group']} {first['alpha']} {first['loss_identity']} {first['loss']} "
-                   f"{first['scale_mean']} {first['max_over_mean']}", "mlp.up_proj->mlp.down_proj"))
+    browse(
+        f"{lp.url}/v2/artifacts/artifact/{table.id}",
+        SHOTS / "scale-stats.png",
+        size=(1920, 1000),
+        expect=(
+            " ".join(columns),
+            f"{first['group']} {first['alpha']} {first['loss_identity']} {first['loss']} "
+            f"{first['scale_mean']} {first['max_over_mean']}",
+            "mlp.up_proj->mlp.down_proj",
+        ),
+    )

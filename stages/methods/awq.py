@@ -25,20 +25,33 @@ def scale_table(stats: dict) -> list[dict]:
     by_type = defaultdict(list)
     for block, block_stats in sorted(stats.items(), key=lambda kv: int(kv[0])):
         for group, s in block_stats["groups"].items():
-            rows.append({"block": int(block), "group": group, "alpha": s["alpha"],
-                         "loss_identity": _sig(s["loss_identity"]), "loss": _sig(s["loss"]),
-                         "scale_mean": round(s["scale_mean"], 4),
-                         "max_over_mean": round(s["scale_max_over_mean"], 3),
-                         "share_over_5x_mean": round(s["share_over_5x_mean"], 4)})
+            rows.append(
+                {
+                    "block": int(block),
+                    "group": group,
+                    "alpha": s["alpha"],
+                    "loss_identity": _sig(s["loss_identity"]),
+                    "loss": _sig(s["loss"]),
+                    "scale_mean": round(s["scale_mean"], 4),
+                    "max_over_mean": round(s["scale_max_over_mean"], 3),
+                    "share_over_5x_mean": round(s["share_over_5x_mean"], 4),
+                }
+            )
             by_type[group.split("->")[1]].append(s)
     for group, items in by_type.items():
         n = len(items)
-        rows.append({"block": "all", "group": group, "alpha": None,
-                     "loss_identity": _sig(sum(s["loss_identity"] for s in items) / n),
-                     "loss": _sig(sum(s["loss"] for s in items) / n),
-                     "scale_mean": round(sum(s["scale_mean"] for s in items) / n, 4),
-                     "max_over_mean": round(max(s["scale_max_over_mean"] for s in items), 3),
-                     "share_over_5x_mean": round(sum(s["share_over_5x_mean"] for s in items) / n, 4)})
+        rows.append(
+            {
+                "block": "all",
+                "group": group,
+                "alpha": None,
+                "loss_identity": _sig(sum(s["loss_identity"] for s in items) / n),
+                "loss": _sig(sum(s["loss"] for s in items) / n),
+                "scale_mean": round(sum(s["scale_mean"] for s in items) / n, 4),
+                "max_over_mean": round(max(s["scale_max_over_mean"] for s in items), 3),
+                "share_over_5x_mean": round(sum(s["share_over_5x_mean"] for s in items) / n, 4),
+            }
+        )
     return rows
 
 
