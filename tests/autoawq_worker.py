@@ -27,7 +27,8 @@ from awq import AutoAWQForCausalLM  # noqa: E402
 awq.models.base.get_best_device = lambda: "cuda:0"
 
 model_dir, tokens_path, logits_path = sys.argv[1:]
-model = AutoAWQForCausalLM.from_quantized(model_dir, fuse_layers=False, device_map={"": "cpu"}, torch_dtype=torch.float16)
+model = AutoAWQForCausalLM.from_quantized(model_dir, fuse_layers=False, device_map={"": "cpu"},
+                                          torch_dtype=torch.float16)
 with torch.no_grad():
     logits = model(torch.load(tokens_path)).logits
 torch.save(logits.float(), logits_path)

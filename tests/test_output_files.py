@@ -14,7 +14,8 @@ from conftest import tiny_llama_config
 
 
 def test_every_output_file_is_0644_under_umask_022(tmp_path):
-    AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=128)).to(torch.float16).save_pretrained(tmp_path / "fp")
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=128))
+    model.to(torch.float16).save_pretrained(tmp_path / "fp")
     (tmp_path / "fp" / "tokenizer.json").write_text("{}")
     os.chmod(tmp_path / "fp" / "tokenizer.json", 0o600)  # a private source file must not stay private
     old = os.umask(0o022)
