@@ -111,8 +111,8 @@ def cmd_ppl(a) -> None:
 def cmd_check(a) -> None:
     from awqflow.stages.check import check_checkpoint, linear_shapes
 
-    errors, warnings = check_checkpoint(a.model, a.tp)
-    print(f"{a.model}: {len(linear_shapes(a.model))} quantized linears, tp={a.tp}")
+    errors, warnings = check_checkpoint(a.model, a.tp, a.vllm_version)
+    print(f"{a.model}: {len(linear_shapes(a.model))} quantized linears, tp={a.tp}, vLLM {a.vllm_version or 'current'}")
     for w in warnings:
         print(f"warning: {w}")
     for e in errors:
@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="would vLLM's AWQ / AWQ-Marlin loaders accept this checkpoint?")
     c.add_argument("--model", required=True, help="quantized checkpoint directory")
     c.add_argument("--tp", type=int, default=1, help="tensor-parallel size to check the shards for")
+    c.add_argument("--vllm-version", default=None, help="the vLLM release to check for (default: the newest read)")
     c.set_defaults(func=cmd_check)
     return parser
 

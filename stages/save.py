@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import shutil
+import stat
 
 import torch
 from safetensors.torch import save_file
@@ -12,6 +13,7 @@ from safetensors.torch import save_file
 from awqflow import __version__
 from awqflow.stages import export_ct
 from awqflow.stages.quantize import QuantConfig
+from awqflow.stages.skip_names import modules_to_not_convert
 from awqflow.storage.checkpoint import CheckpointReader, read_config_json
 
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
@@ -78,8 +80,8 @@ def check_output_path(model_dir: str, out_dir: str) -> None:
     m, o = _real(model_dir), _real(out_dir)
     if o == m or o.startswith(m + os.sep) or m.startswith(o + os.sep):
         raise ValueError(
-            f"output {out_dir} would overwrite the model {model_dir} (the same folder, inside it or "
-            f"around it): pick an output folder outside the model's"
+            f"output {out_dir} would overwrite the model {model_dir} (the same folder, inside it or around it): "
+            f"pick an output folder outside the model's"
         )
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"output {out_dir} exists and is not a folder: remove it or pick another output path")
@@ -104,6 +106,15 @@ def remove_stale_folders(out_dir: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _make_readable(folder: str) -> None:
+    """Give every file config.json's mode, i.e. what a plain open() gives under the umask (0644 under 022):
+    safetensors writes through a private temporary file (0600) and copy2 keeps the source's mode, but a server
+    running as another user on a shared volume must be able to read the checkpoint."""
+    mode = stat.S_IMODE(os.stat(os.path.join(folder, "config.json")).st_mode)
+    for name in os.listdir(folder):
+        os.chmod(os.path.join(folder, name), mode)
+
+
 def save_checkpoint(
     model_dir: str,
     out_dir: str,
@@ -118,8 +129,9 @@ def save_checkpoint(
     fmt: str = "awq-gemm",
 ) -> list[str]:
     """block_tensors: iterable of (index, {name in block: tensor}) in order, in the GEMM layout.
-    unquantized: block modules left in full precision; each block's ones are listed by full name in
-    modules_to_not_convert / ignore. fmt: "awq-gemm" or "compressed-tensors" (4-bit only).
+    unquantized: block modules left in full precision; listed in modules_to_not_convert as every loader
+    matches them (stages/skip_names.py) and in ignore by full name.
+    fmt: "awq-gemm" or "compressed-tensors" (4-bit only).
     Writes into a temporary folder renamed over out_dir at the end, so a crash never leaves a
     half-written checkpoint."""
     if fmt not in FORMATS:
@@ -141,9 +153,13 @@ def save_checkpoint(
     outside = [n for n in reader.names() if not n.startswith(blocks_prefix + ".")]
     for name, t in reader.load(outside).items():
         writer.add(name, _cast(t, dtype))
-    kept = list(not_converted)
+    kept, kept_relative, linears_relative = [], set(), set()
     for index, tensors in block_tensors:
-        kept += [f"{blocks_prefix}.{index}.{m}" for m in unquantized if f"{m}.weight" in tensors]
+        kept_here = [m for m in unquantized if f"{m}.weight" in tensors]
+        kept += [f"{blocks_prefix}.{index}.{m}" for m in kept_here]
+        kept_relative.update(kept_here)
+        linears_relative.update(n[: -len(".qweight")] for n in tensors if n.endswith(".qweight"))
+        linears_relative.update(kept_here)
         if fmt == "compressed-tensors":
             tensors = export_ct.from_gemm(tensors, qcfg.zero_point)
         for name, t in tensors.items():
@@ -160,8 +176,12 @@ def save_checkpoint(
     }
     config.pop("quantization_config", None)
     if packed:
+        skipped = modules_to_not_convert(not_converted, kept, sorted(kept_relative), linears_relative)
+        # compressed-tensors' ignore matches whole names (or "re:" regexes): full names only
         config["quantization_config"] = (
-            quantization_config(qcfg, kept) if fmt == "awq-gemm" else export_ct.quantization_config(qcfg, kept)
+            quantization_config(qcfg, skipped)
+            if fmt == "awq-gemm"
+            else export_ct.quantization_config(qcfg, [*not_converted, *kept])
         )
         config["dtype"] = "float16"
         config.pop("torch_dtype", None)
@@ -182,6 +202,7 @@ def save_checkpoint(
         ):
             shutil.copy2(src, os.path.join(tmp, name))
 
+    _make_readable(tmp)
     if os.path.exists(out_dir):
         old = out_dir.rstrip("/") + f".old-{os.getpid()}"
         os.rename(out_dir, old)

@@ -145,7 +145,8 @@ def test_quantize_save_load_and_perplexity(model_type, checkpoints):
     quant = json.loads((out / "config.json").read_text())["quantization_config"]
     arch = architecture_for(model_type)
     kept = [f"{arch.blocks}.{i}.{arch.checkpoint_name(m)}" for i in range(p.n_blocks) for m in arch.unquantized]
-    assert quant["modules_to_not_convert"] == list(arch.not_converted) + kept  # MoE routers by full name
+    # MoE routers by full name (which other spellings are added: tests/test_skip_names.py)
+    assert quant["modules_to_not_convert"][: 1 + len(kept)] == list(arch.not_converted) + kept
     # every quantized linear and every kept one has its name from the source checkpoint (what loaders expect)
     source_names = set(CheckpointReader(str(src)).names())
     packed = {n.removesuffix(".qweight") for n in CheckpointReader(str(out)).names() if n.endswith(".qweight")}
