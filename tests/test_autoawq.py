@@ -14,8 +14,8 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from awqflow.load import load_model
-from awqflow.pipeline import Options, cached_block, plan, save
-from awqflow.storage.cache import BlockCache
+from awqflow.options import Options
+from awqflow.pipeline import cached_block, plan, save
 
 from conftest import tiny_llama_config
 
@@ -40,7 +40,7 @@ def quantized(folder: Path, config, group: int) -> Path:
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).to(torch.float16).save_pretrained(folder / "fp")
     p = plan(str(folder / "fp"), Options(method="rtn", group_size=group))
-    cache = BlockCache(str(folder / "cache"))
+    cache = str(folder / "cache")
     for i in range(p.n_blocks):
         cached_block(p, i, cache, None, "cpu")
     save(p, str(folder / "awq"), cache)

@@ -7,8 +7,8 @@ import stat
 import torch
 from transformers import AutoModelForCausalLM
 
-from awqflow.pipeline import Options, cached_block, plan, save
-from awqflow.storage.cache import BlockCache
+from awqflow.options import Options
+from awqflow.pipeline import cached_block, plan, save
 
 from conftest import tiny_llama_config
 
@@ -22,7 +22,7 @@ def test_every_output_file_is_0644_under_umask_022(tmp_path):
     try:
         for fmt in ("awq-gemm", "compressed-tensors"):
             p = plan(str(tmp_path / "fp"), Options(method="rtn", group_size=32, format=fmt))
-            cache = BlockCache(str(tmp_path / "cache"))
+            cache = str(tmp_path / "cache")
             for i in range(p.n_blocks):
                 cached_block(p, i, cache, None, "cpu")
             out = tmp_path / fmt

@@ -12,9 +12,9 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from awqflow.pipeline import Options, cached_block, plan, save
+from awqflow.options import Options
+from awqflow.pipeline import cached_block, plan, save
 from awqflow.stages.architectures import architecture_for
-from awqflow.storage.cache import BlockCache
 from awqflow.storage.checkpoint import CheckpointReader
 
 SMALL = dict(
@@ -118,7 +118,7 @@ def moe_checkpoint(request, tmp_path_factory):
     config = getattr(transformers, cls)(**{**SMALL, **overrides})
     AutoModelForCausalLM.from_config(config).to(torch.float16).save_pretrained(folder / "fp")
     p = plan(str(folder / "fp"), Options(method="rtn", group_size=32))
-    cache = BlockCache(str(folder / "cache"))
+    cache = str(folder / "cache")
     for i in range(p.n_blocks):
         cached_block(p, i, cache, None, "cpu")
     save(p, str(folder / "awq"), cache)
@@ -174,7 +174,7 @@ def test_compressed_tensors_ignore_names_the_routers(tmp_path):
     config = transformers.MixtralConfig(**{**SMALL, **MOE["mixtral"][1]})
     AutoModelForCausalLM.from_config(config).to(torch.float16).save_pretrained(tmp_path / "fp")
     p = plan(str(tmp_path / "fp"), Options(method="rtn", group_size=32, format="compressed-tensors"))
-    cache = BlockCache(str(tmp_path / "cache"))
+    cache = str(tmp_path / "cache")
     for i in range(p.n_blocks):
         cached_block(p, i, cache, None, "cpu")
     save(p, str(tmp_path / "ct"), cache)
