@@ -174,7 +174,14 @@ def main():
     export_dir = args.export_dir or os.path.splitext(args.out)[0] + "-ckpt"
     fmt = "auto_awq" if args.w_bit == 4 else "auto_round"
     t = time.perf_counter()
-    ar.save_quantized(export_dir, format=fmt)
+    export_error = None
+    try:
+        ar.save_quantized(export_dir, format=fmt)
+    except Exception as e:  # noqa: BLE001 - the in-memory codes are still evaluated; say why there is no export
+        if fmt == "auto_awq":
+            raise
+        export_error = f"{type(e).__name__}: {e}"
+        log(f"export to {fmt} failed: {export_error}")
     export_seconds = time.perf_counter() - t
     del ar, qmodel, model
 
@@ -211,6 +218,7 @@ def main():
         "chosen": chosen,
         "export_format": fmt,
         "export_dir": export_dir,
+        "export_error": export_error,
         "evaluated": evaluated,
         "decode_check": decode_check,
         "quantized_linears": len(layers),
