@@ -27,7 +27,8 @@ are taken from the in-memory quantized layers the same way auto-round's packer t
 agree exactly (`decode_check`). Perplexity and KL(P_fp || P_quant) on the eval windows come
 from bench/anchor_eval.py, shared with the llm-compressor worker.
 
-Reported: ppl, kl_mean, quant_seconds (the `quantize()` call only), export_seconds,
+Reported: ppl, kl_mean, quant_seconds (wall time of the `quantize()` call only), quant_cpu_seconds
+(CPU time of this process, all threads, over the same call), export_seconds,
 peak_rss_mib (ru_maxrss when quantization ends, before export and evaluation),
 peak_rss_mib_total (at exit), amp / amp_dtype / torch_compile as auto-round chose them.
 """
@@ -145,9 +146,10 @@ def main():
     if args.iters is not None:
         kwargs["iters"] = args.iters
     ar = AutoRound(model, tokenizer, dataset=dataset, nsamples=n, seqlen=seqlen, device_map="cpu", **kwargs)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     qmodel, layer_config = ar.quantize()
     quant_seconds = time.perf_counter() - start
+    quant_cpu_seconds = time.process_time() - cpu_start
     rss_quant = peak_rss_mib()
 
     mc = getattr(ar, "model_context", None)
@@ -210,6 +212,7 @@ def main():
         "group_size": args.group_size,
         **ev,
         "quant_seconds": round(quant_seconds, 3),
+        "quant_cpu_seconds": round(quant_cpu_seconds, 3),
         "export_seconds": round(export_seconds, 3),
         "peak_rss_mib": rss_quant,
         "peak_rss_mib_total": peak_rss_mib(),

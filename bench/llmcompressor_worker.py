@@ -15,6 +15,8 @@ mean KL(P_fp || P_quant) over the same tokens, P_fp from the float32 FP model re
 --model in this process after quantization (bench/anchor_eval.py, shared with the AutoRound
 worker). peak_rss_mib is ru_maxrss of this process when quantization ends (model load +
 quantization, before the FP reference is loaded for evaluation); peak_rss_mib_total at exit.
+quant_seconds: wall time of oneshot(); quant_cpu_seconds: this process's CPU time (all threads)
+over the same call, which a shared or paused machine does not inflate.
 """
 
 import argparse
@@ -115,12 +117,12 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     model.eval()
 
-    quant_seconds, n_quantized = 0.0, 0
+    quant_seconds, quant_cpu_seconds, n_quantized = 0.0, 0.0, 0
     if args.method != "none":
         calib = load_windows(args.calib_windows)
         n, seqlen = calib.shape
         dataset = Dataset.from_dict({"input_ids": calib.tolist()})
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         oneshot(
             model=model,
             dataset=dataset,
@@ -131,6 +133,7 @@ def main():
             batch_size=1,
         )
         quant_seconds = time.perf_counter() - start
+        quant_cpu_seconds = time.process_time() - cpu_start
         quantized = check_fake_quantized(model, args.w_bit, args.group_size)
         assert quantized and not any("lm_head" in name for name in quantized), quantized
         n_quantized = len(quantized)
@@ -147,6 +150,7 @@ def main():
         "group_size": args.group_size if args.method != "none" else None,
         **ev,
         "quant_seconds": round(quant_seconds, 3),
+        "quant_cpu_seconds": round(quant_cpu_seconds, 3),
         "peak_rss_mib": rss_quant,
         "peak_rss_mib_total": peak_rss_mib(),
         "torch_threads": torch.get_num_threads(),
