@@ -1,4 +1,4 @@
-"""llm-compressor baseline: quantize one model with AWQ or GPTQ, report perplexity.
+"""llm-compressor baseline: quantize one model with AWQ or GPTQ, report perplexity and KL to FP.
 
 Runs INSIDE the isolated env made by bench/setup_llmcompressor_env.sh and never
 imports awqflow, so the two projects' dependency pins cannot interfere:
@@ -10,17 +10,27 @@ imports awqflow, so the two projects' dependency pins cannot interfere:
 calib.pt / eval.pt: torch.save'd LongTensors (n, seqlen) of token ids (see
 bench/_make_windows.py). Scheme: int weights, asymmetric (zero point), group-wise,
 lm_head left unquantized. Perplexity is computed on the in-memory fake-quantized model
-(SPEC §7: exp(total NLL / predicted tokens), tokens 1..seqlen-1 of each window).
+(SPEC §7: exp(total NLL / predicted tokens), tokens 1..seqlen-1 of each window), and so is the
+mean KL(P_fp || P_quant) over the same tokens, P_fp from the float32 FP model reloaded from
+--model in this process after quantization (bench/anchor_eval.py, shared with the AutoRound
+worker). peak_rss_mib is ru_maxrss of this process when quantization ends (model load +
+quantization, before the FP reference is loaded for evaluation); peak_rss_mib_total at exit.
+quant_seconds: wall time of oneshot(); quant_cpu_seconds: this process's CPU time (all threads)
+over the same call, which a shared or paused machine does not inflate.
 """
 
 import argparse
 import json
-import math
+import os
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from anchor_eval import evaluate, load_fp_model, load_windows, peak_rss_mib  # noqa: E402
 
 
 def quant_recipe(method: str, w_bit: int, group_size: int):
@@ -50,18 +60,6 @@ def quant_recipe(method: str, w_bit: int, group_size: int):
         AWQModifier(duo_scaling=True),
         QuantizationModifier(config_groups=scheme, ignore=["lm_head"]),
     ]
-
-
-@torch.no_grad()
-def perplexity(model, windows: torch.Tensor) -> tuple[float, int]:
-    total_nll, total_tokens = 0.0, 0
-    for window in windows:
-        ids = window.unsqueeze(0)
-        logits = model(input_ids=ids).logits.float()
-        nll = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
-        total_nll += nll.item()
-        total_tokens += ids.shape[1] - 1
-    return math.exp(total_nll / total_tokens), total_tokens
 
 
 @torch.no_grad()
@@ -98,6 +96,7 @@ def main():
     p.add_argument("--method", choices=["awq", "gptq", "none"], required=True)
     p.add_argument("--w-bit", type=int, choices=[3, 4], default=4)
     p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--max-eval-windows", type=int, default=0, help="evaluate only the first N windows (0: all)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
@@ -118,12 +117,12 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     model.eval()
 
-    quant_seconds, n_quantized = 0.0, 0
+    quant_seconds, quant_cpu_seconds, n_quantized = 0.0, 0.0, 0
     if args.method != "none":
-        calib = torch.load(args.calib_windows)
+        calib = load_windows(args.calib_windows)
         n, seqlen = calib.shape
         dataset = Dataset.from_dict({"input_ids": calib.tolist()})
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         oneshot(
             model=model,
             dataset=dataset,
@@ -134,19 +133,30 @@ def main():
             batch_size=1,
         )
         quant_seconds = time.perf_counter() - start
+        quant_cpu_seconds = time.process_time() - cpu_start
         quantized = check_fake_quantized(model, args.w_bit, args.group_size)
         assert quantized and not any("lm_head" in name for name in quantized), quantized
         n_quantized = len(quantized)
 
-    ppl, tokens = perplexity(model, torch.load(args.eval_windows))
+    rss_quant = peak_rss_mib()
+    windows = load_windows(args.eval_windows)
+    if args.max_eval_windows:
+        windows = windows[: args.max_eval_windows]
+    reference = load_fp_model(args.model)
+    ev = evaluate(model, windows, reference=reference, log=lambda m: print(m, file=sys.stderr, flush=True))
     result = {
         "method": args.method,
         "w_bit": args.w_bit if args.method != "none" else None,
         "group_size": args.group_size if args.method != "none" else None,
-        "ppl": ppl,
-        "tokens": tokens,
+        **ev,
         "quant_seconds": round(quant_seconds, 3),
+        "quant_cpu_seconds": round(quant_cpu_seconds, 3),
+        "peak_rss_mib": rss_quant,
+        "peak_rss_mib_total": peak_rss_mib(),
+        "torch_threads": torch.get_num_threads(),
+        "version": llmcompressor.__version__,
         "llmcompressor_version": llmcompressor.__version__,
+        "torch_version": torch.__version__,
         "quantized_linears": n_quantized,
     }
     with open(args.out, "w") as f:
