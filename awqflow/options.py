@@ -32,6 +32,10 @@ class Options(BaseModel):
     clip: bool = Field(True, description="AWQ clip search after the scale search")
     duo_scaling: bool = Field(True, description="s = x_mean^a / w_mean^(1-a); off: s = x_mean^a")
     n_grid: int = Field(20, ge=1, description="alpha grid points of the scale search")
+    gptq_damp: float = Field(
+        0.01, gt=0, le=1, description="gptq, awq-gptq: damping added to the Hessian's diagonal, times its mean"
+    )
+    gptq_block_size: int = Field(128, ge=1, description="gptq, awq-gptq: columns per lazy error update")
     mode: Literal["parallel", "sequential"] = Field(
         "parallel",
         description="parallel: every block searched on FP inputs (AutoAWQ); "

@@ -1,0 +1,74 @@
+"""GPTQ, alone or after AWQ (issue 16): every quantized linear rounded by GPTQ against the Hessian of
+its own inputs on the calibration windows. After AWQ's scale search and clipping, the Hessian is taken
+on the scaled block, i.e. of the inputs as each scaled linear sees them (X / s)."""
+
+import torch
+from torch import nn
+
+from awqflow.stages.block import search_block
+from awqflow.stages.gptq import add_to_hessian, gptq_codes
+from awqflow.stages.method import Method, quantized_linears
+from awqflow.stages.methods.awq import scale_table
+from awqflow.stages.quantize import quantize_codes
+from awqflow.stages.scales import SearchConfig
+
+
+@torch.no_grad()
+def linear_hessians(
+    block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tensor, kwargs: dict, batch_size: int = 8
+) -> dict[str, torch.Tensor]:
+    """H = 2/n X^T X of each linear's own input, accumulated during one pass over the windows: the
+    inputs themselves are never kept. A MoE expert sees only the tokens routed to it; one that sees
+    none is absent."""
+    running: dict[str, tuple[torch.Tensor | None, int]] = {}
+
+    def accumulate(name: str):
+        def hook(module, args):
+            h, count = running.get(name, (None, 0))
+            running[name] = add_to_hessian(h, args[0], count)
+
+        return hook
+
+    handles = [lin.register_forward_pre_hook(accumulate(name)) for name, lin in linears.items()]
+    try:
+        for chunk in hidden.split(batch_size):
+            block(chunk, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: h for name, (h, _) in running.items()}
+
+
+def gptq_linears(block, arch, inputs, opts) -> dict:
+    """GPTQ codes for every quantized linear of the block as its weights stand now (an expert no token
+    reached is rounded to nearest: there is no error to compensate on)."""
+    linears = quantized_linears(block, arch)
+    hessians = linear_hessians(block, linears, inputs.hidden, inputs.kwargs)
+    codes = {}
+    for name, lin in linears.items():
+        if name in hessians:
+            w = lin.weight.data.float()
+            codes[name] = gptq_codes(w, hessians[name], opts.quant, opts.gptq_block_size, opts.gptq_damp, name)
+        else:
+            codes[name] = quantize_codes(lin.weight.data, opts.quant)
+    return codes
+
+
+def gptq_block(block, arch, inputs, opts):
+    return gptq_linears(block, arch, inputs, opts), {}
+
+
+def awq_gptq_block(block, arch, inputs, opts):
+    search = SearchConfig(n_grid=opts.n_grid, duo_scaling=opts.duo_scaling)
+    stats = search_block(block, arch, inputs.hidden, inputs.kwargs, opts.quant, search, opts.clip)
+    return gptq_linears(block, arch, inputs, opts), stats
+
+
+GPTQ = Method("gptq", gptq_block, needs_inputs=True, options=("gptq_damp", "gptq_block_size"))
+AWQ_GPTQ = Method(
+    "awq-gptq",
+    awq_gptq_block,
+    needs_inputs=True,
+    options=("n_grid", "duo_scaling", "clip", "gptq_damp", "gptq_block_size"),
+    table=scale_table,
+)

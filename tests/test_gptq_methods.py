@@ -1,0 +1,74 @@
+"""gptq and awq-gptq as methods (issue 16): registered like any other, cached and resumed like AWQ, and
+their checkpoints decode through AutoAWQ's own decoder to exactly the weights the method computed."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_pack import autoawq_packing_utils
+
+from awqflow import pipeline
+from awqflow.options import Options
+from awqflow.stages.block import checkpoint_tensors
+from awqflow.stages.method import BlockInputs
+from awqflow.stages.methods import method_named
+from awqflow.stages.model import open_model, run_block
+from awqflow.stages.quantize import dequantize_codes
+from awqflow.storage.activations import ActivationStore
+
+from conftest import CALIB
+
+SMALL = dict(calib=str(CALIB), n_samples=6, seqlen=64, group_size=64)
+
+
+def block_with_inputs(model_dir, work, index=1):
+    """Block `index` of the model with its captured FP input and kwargs (via an AWQ run's store)."""
+    result = pipeline.run(str(model_dir), str(work / "awq"), Options(work_dir=str(work / "w"), **SMALL))
+    p = result["plan"]
+    store = next((work / "w").glob("activations-*.zarr"))
+    hidden = ActivationStore(str(store), mode="r").read(index)
+    m = open_model(str(model_dir), p.model_fp)
+    return m, BlockInputs(hidden, m.block_kwargs(hidden.shape[1], "cpu", torch.float32)[index])
+
+
+def quantized_output_mse(m, inputs, method: str, opts) -> float:
+    """The block's output error after `method`, against the FP block. A method's scales live in the
+    block it returns (AWQ fuses 1/s into the norms), so its codes are put back into that block."""
+    block = m.block(1, "cpu", torch.float32)
+    codes, _ = method_named(method).quantize_block(block, m.arch, inputs, opts)
+    for name, c in codes.items():
+        block.get_submodule(name).weight.data = dequantize_codes(*c)
+    target = run_block(m.block(1, "cpu", torch.float32), inputs.hidden, inputs.kwargs)
+    return float((run_block(block, inputs.hidden, inputs.kwargs) - target).pow(2).mean())
+
+
+def test_gptq_lowers_the_block_error_of_plain_rounding_and_of_awq(tiny_model, tmp_path):
+    m, inputs = block_with_inputs(tiny_model, tmp_path)
+    opts = Options(**{**SMALL, "w_bit": 3})
+    errors = {name: quantized_output_mse(m, inputs, name, opts) for name in ("rtn", "awq", "gptq", "awq-gptq")}
+    assert errors["gptq"] < errors["rtn"] and errors["awq-gptq"] < errors["awq"], errors
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq-gptq"])
+def test_checkpoint_decodes_through_autoawq_to_the_methods_weights(method, tiny_model, tmp_path):
+    m, inputs = block_with_inputs(tiny_model, tmp_path)
+    block = m.block(1, "cpu", torch.float32)
+    opts = Options(**SMALL, method=method)
+    codes, _ = method_named(method).quantize_block(block, m.arch, inputs, opts)
+    tensors = checkpoint_tensors(block, codes, opts.quant)
+    decode = autoawq_packing_utils().dequantize_gemm
+    for name, c in codes.items():
+        ours = dequantize_codes(*c).half()
+        theirs = decode(tensors[f"{name}.qweight"], tensors[f"{name}.qzeros"], tensors[f"{name}.scales"], 4, 64)
+        assert torch.equal(theirs.t(), ours), name
+
+
+def test_rerun_recomputes_nothing_and_output_is_identical(tiny_model, tmp_path, monkeypatch):
+    options = Options(method="awq-gptq", work_dir=str(tmp_path / "w"), **SMALL)
+    pipeline.run(str(tiny_model), str(tmp_path / "a"), options)
+    calls = []
+    original = pipeline.quantize_block
+    monkeypatch.setattr(pipeline, "quantize_block", lambda *a, **k: calls.append(a[1]) or original(*a, **k))
+    result = pipeline.run(str(tiny_model), str(tmp_path / "b"), options)
+    assert calls == [] and set(result["stats"]) == {0, 1}
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
