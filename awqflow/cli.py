@@ -159,6 +159,11 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except KeyboardInterrupt:
+        if args.debug or os.environ.get("AWQFLOW_DEBUG"):
+            raise
+        print("awqflow: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+        sys.exit(130)
     except Exception as e:
         if args.debug or os.environ.get("AWQFLOW_DEBUG"):
             raise

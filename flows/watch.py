@@ -11,6 +11,7 @@ fingerprint, so an unchanged checkpoint is skipped after a few stat() calls: no 
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from prefect import flow, get_run_logger
 
 from awqflow.flows.awq import awq
 from awqflow.options import Options
+from awqflow.pipeline import default_work_dir
 from awqflow.storage.fingerprint import model_fingerprint
 
 LEDGER = "awqflow-ledger.json"
@@ -165,7 +167,10 @@ def requantize(
 
     def quantize(model_dir: str, out: str):
         name = os.path.basename(out)
-        return awq.with_options(flow_run_name=f"awq-{name}")(model=model_dir, out=out, options=options)
+        result = awq.with_options(flow_run_name=f"awq-{name}")(model=model_dir, out=out, options=options)
+        if options.work_dir is None:  # a finished checkpoint needs its activations and block cache no more
+            shutil.rmtree(default_work_dir(out), ignore_errors=True)
+        return result
 
     summary = scan(checkpoints, output_root, quantize, hub=hub, settle_s=settle_s, log=logger.info)
     logger.info(
