@@ -36,6 +36,15 @@ class Options(BaseModel):
         0.01, gt=0, le=1, description="gptq, awq-gptq: damping added to the Hessian's diagonal, times its mean"
     )
     gptq_block_size: int = Field(128, ge=1, description="gptq, awq-gptq: columns per lazy error update")
+    round_steps: int = Field(200, ge=0, description="awq-round, round: signed-gradient steps per block")
+    round_lr: float | None = Field(None, gt=0, description="awq-round, round: learning rate (default 1 / steps)")
+    round_batch_size: int = Field(8, ge=1, description="awq-round, round: calibration windows per step")
+    round_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="awq-round, round: precision of the tuning pass"
+    )
+    round_patience: int = Field(
+        0, ge=0, description="awq-round, round: stop once the best loss has not improved for this many steps (0: never)"
+    )
     mode: Literal["parallel", "sequential"] = Field(
         "parallel",
         description="parallel: every block searched on FP inputs (AutoAWQ); "

@@ -31,8 +31,8 @@ def other_value(name: str, field):
         return next(m for m in methods.METHODS if m != field.default)
     if kind is bool:
         return not field.default
-    if kind is float:
-        return field.default / 2
+    if kind is float or args == [float]:
+        return (field.default or 0.01) / 2
     if kind is int or args == [int]:
         return (field.default or 7) + 1
     if kind is str or args == [str]:

@@ -1,9 +1,19 @@
-"""The registry of quantization methods: one line per method module."""
+"""The registry of quantization methods: one line per method."""
 
 from awqflow.stages.method import Method
-from awqflow.stages.methods import awq, gptq, rtn
+from awqflow.stages.methods import awq, gptq, learned_rounding, rtn
 
-METHODS: dict[str, Method] = {m.name: m for m in (awq.METHOD, rtn.METHOD, gptq.GPTQ, gptq.AWQ_GPTQ)}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        awq.METHOD,
+        rtn.METHOD,
+        gptq.GPTQ,
+        gptq.AWQ_GPTQ,
+        learned_rounding.AWQ_ROUND,
+        learned_rounding.ROUND,
+    )
+}
 
 
 def method_named(name: str) -> Method:

@@ -1,5 +1,6 @@
-"""gptq and awq-gptq as methods (issue 16): registered like any other, cached and resumed like AWQ, and
-their checkpoints decode through AutoAWQ's own decoder to exactly the weights the method computed."""
+"""The methods beyond AWQ (issues 16, 17): gptq, awq-gptq, awq-round, round. Registered like any other,
+cached and resumed like AWQ, and their checkpoints decode through AutoAWQ's own decoder to exactly the
+weights the method computed."""
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ from awqflow.storage.activations import ActivationStore
 
 from conftest import CALIB
 
-SMALL = dict(calib=str(CALIB), n_samples=6, seqlen=64, group_size=64)
+SMALL = dict(calib=str(CALIB), n_samples=8, seqlen=64, group_size=64, round_steps=20)
+NEW = ["gptq", "awq-gptq", "awq-round", "round"]
 
 
 def block_with_inputs(model_dir, work, index=1):
@@ -41,14 +43,28 @@ def quantized_output_mse(m, inputs, method: str, opts) -> float:
     return float((run_block(block, inputs.hidden, inputs.kwargs) - target).pow(2).mean())
 
 
-def test_gptq_lowers_the_block_error_of_plain_rounding_and_of_awq(tiny_model, tmp_path):
+def test_gptq_and_learned_rounding_lower_the_block_error_of_their_starting_point(tiny_model, tmp_path):
     m, inputs = block_with_inputs(tiny_model, tmp_path)
-    opts = Options(**{**SMALL, "w_bit": 3})
-    errors = {name: quantized_output_mse(m, inputs, name, opts) for name in ("rtn", "awq", "gptq", "awq-gptq")}
+    opts = Options(**{**SMALL, "w_bit": 3, "round_steps": 60})
+    errors = {name: quantized_output_mse(m, inputs, name, opts) for name in ("rtn", "awq", *NEW)}
     assert errors["gptq"] < errors["rtn"] and errors["awq-gptq"] < errors["awq"], errors
+    # learned rounding may overfit a few windows: held-out windows decide, so never worse than its start
+    assert errors["round"] < errors["rtn"] and errors["awq-round"] <= errors["awq"], errors
+    block = m.block(1, "cpu", torch.float32)
+    _, stats = method_named("awq-round").quantize_block(block, m.arch, inputs, opts)
+    assert stats["round"]["loss_after"] < 0.5 * stats["round"]["loss_before"]  # on the tuning windows
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq-gptq"])
+def test_learned_rounding_that_loses_on_held_out_windows_keeps_awqs_codes(tiny_model, tmp_path):
+    m, inputs = block_with_inputs(tiny_model, tmp_path)
+    opts = Options(**{**SMALL, "round_lr": 5.0})  # steps far too big: the tuning cannot win
+    awq_codes, _ = method_named("awq").quantize_block(m.block(1, "cpu", torch.float32), m.arch, inputs, opts)
+    codes, stats = method_named("awq-round").quantize_block(m.block(1, "cpu", torch.float32), m.arch, inputs, opts)
+    assert stats["round"]["kept"] is False and stats["round"]["heldout_samples"] == 2
+    assert all(torch.equal(a, b) for n in codes for a, b in zip(codes[n], awq_codes[n]))
+
+
+@pytest.mark.parametrize("method", NEW)
 def test_checkpoint_decodes_through_autoawq_to_the_methods_weights(method, tiny_model, tmp_path):
     m, inputs = block_with_inputs(tiny_model, tmp_path)
     block = m.block(1, "cpu", torch.float32)
@@ -62,8 +78,9 @@ def test_checkpoint_decodes_through_autoawq_to_the_methods_weights(method, tiny_
         assert torch.equal(theirs.t(), ours), name
 
 
-def test_rerun_recomputes_nothing_and_output_is_identical(tiny_model, tmp_path, monkeypatch):
-    options = Options(method="awq-gptq", work_dir=str(tmp_path / "w"), **SMALL)
+@pytest.mark.parametrize("method", ["awq-gptq", "awq-round"])
+def test_rerun_recomputes_nothing_and_output_is_identical(method, tiny_model, tmp_path, monkeypatch):
+    options = Options(method=method, work_dir=str(tmp_path / "w"), **SMALL)
     pipeline.run(str(tiny_model), str(tmp_path / "a"), options)
     calls = []
     original = pipeline.quantize_block

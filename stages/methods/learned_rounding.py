@@ -1,0 +1,74 @@
+"""Learned rounding (issue 17): SignRound per block, from AWQ's scaled and clipped weights
+(`awq-round`) or from the plain weights (`round`), against the FP block's output on the calibration
+windows. The last quarter of the windows is held out of the tuning: the learned codes are kept only
+where they beat the starting point's (AWQ's) codes there, so a block can never end worse than AWQ left it."""
+
+import copy
+import logging
+
+import torch
+
+from awqflow.stages.block import search_block
+from awqflow.stages.method import Method, quantized_linears, round_linears
+from awqflow.stages.methods.awq import scale_table
+from awqflow.stages.model import run_block
+from awqflow.stages.quantize import dequantize_codes
+from awqflow.stages.scales import SearchConfig
+from awqflow.stages.signround import learn_rounding
+
+log = logging.getLogger("awqflow.round")
+
+
+def output_mse(block, codes: dict, hidden: torch.Tensor, kwargs: dict, target: torch.Tensor) -> float:
+    trial = copy.deepcopy(block)
+    for name, c in codes.items():
+        lin = trial.get_submodule(name)
+        lin.weight.data = dequantize_codes(*c).to(lin.weight.dtype)
+    return float((run_block(trial, hidden, kwargs).float() - target.float()).pow(2).mean())
+
+
+def tune(block, arch, inputs, opts, target: torch.Tensor) -> tuple[dict, dict]:
+    """SignRound from the block's current weights; learned codes kept only if they win on held-out windows."""
+    hidden, kwargs = inputs.hidden, inputs.kwargs
+    n = hidden.shape[0]
+    held = n // 4 if n >= 2 else 0
+    fit = slice(0, n - held)
+    start = round_linears(block, arch, opts.quant)
+    dtype = getattr(torch, opts.round_dtype)
+    learned, stats = learn_rounding(
+        block, quantized_linears(block, arch), hidden[fit], kwargs, target[fit], opts.quant,
+        steps=opts.round_steps, lr=opts.round_lr, batch_size=opts.round_batch_size, seed=opts.seed,
+        tuning_dtype=dtype, patience=opts.round_patience,
+        progress=lambda step, loss: log.info("step %d: minibatch loss %.4g", step, loss),
+    )  # fmt: skip
+    if held:
+        tail = slice(n - held, n)
+        stats["heldout_loss_start"] = output_mse(block, start, hidden[tail], kwargs, target[tail])
+        stats["heldout_loss_learned"] = output_mse(block, learned, hidden[tail], kwargs, target[tail])
+        stats["kept"] = stats["heldout_loss_learned"] < stats["heldout_loss_start"]
+    else:  # one window: learn_rounding's own guard on the tuning data is all there is
+        stats["kept"] = not stats["fell_back"]
+    stats["heldout_samples"] = held
+    return (learned if stats["kept"] else start), stats
+
+
+def awq_round_block(block, arch, inputs, opts):
+    target = run_block(block, inputs.hidden, inputs.kwargs)  # the FP block's output (scaling keeps it)
+    search = SearchConfig(n_grid=opts.n_grid, duo_scaling=opts.duo_scaling)
+    stats = search_block(block, arch, inputs.hidden, inputs.kwargs, opts.quant, search, opts.clip)
+    codes, stats["round"] = tune(block, arch, inputs, opts, target)
+    return codes, stats
+
+
+def round_block(block, arch, inputs, opts):
+    target = run_block(block, inputs.hidden, inputs.kwargs)
+    codes, stats = tune(block, arch, inputs, opts, target)
+    return codes, {"round": stats}
+
+
+ROUND_OPTIONS = ("round_steps", "round_lr", "round_batch_size", "round_dtype", "round_patience", "seed")
+AWQ_ROUND = Method(
+    "awq-round", awq_round_block, needs_inputs=True, options=("n_grid", "duo_scaling", "clip", *ROUND_OPTIONS),
+    table=scale_table,
+)  # fmt: skip
+ROUND = Method("round", round_block, needs_inputs=True, options=ROUND_OPTIONS)
