@@ -11,7 +11,7 @@ MAX_NLL = math.log(torch.finfo(torch.float64).max)
 
 
 def eval_windows(tokenizer, text: str, seqlen: int) -> torch.Tensor:
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"][0]
     n = ids.numel() // seqlen
     if n == 0:
         raise ValueError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")

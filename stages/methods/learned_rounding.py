@@ -66,9 +66,26 @@ def round_block(block, arch, inputs, opts):
     return codes, {"round": stats}
 
 
+def round_table(stats: dict) -> list[dict]:
+    """AWQ's scale rows (awq-round), then one row per block: the output MSE of its start and of the
+    learned rounding, on the tuning windows, and whether the held-out windows kept it."""
+    rows = (
+        scale_table({b: s for b, s in stats.items() if "groups" in s})
+        if any("groups" in s for s in stats.values())
+        else []
+    )
+    for block, s in sorted(stats.items(), key=lambda kv: int(kv[0])):
+        r = s["round"]
+        rows.append({"block": int(block), "group": "learned rounding " + ("kept" if r["kept"] else "not kept"),
+                     "alpha": None, "loss_identity": float(f"{r['loss_before']:.4g}"),
+                     "loss": float(f"{r['loss_after']:.4g}"), "scale_mean": None, "max_over_mean": None,
+                     "share_over_5x_mean": None})  # fmt: skip
+    return rows
+
+
 ROUND_OPTIONS = ("round_steps", "round_lr", "round_batch_size", "round_dtype", "round_patience", "seed")
 AWQ_ROUND = Method(
     "awq-round", awq_round_block, needs_inputs=True, options=("n_grid", "duo_scaling", "clip", *ROUND_OPTIONS),
-    table=scale_table,
+    table=round_table,
 )  # fmt: skip
-ROUND = Method("round", round_block, needs_inputs=True, options=ROUND_OPTIONS)
+ROUND = Method("round", round_block, needs_inputs=True, options=ROUND_OPTIONS, table=round_table)
