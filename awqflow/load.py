@@ -45,28 +45,28 @@ def load_packed(model_dir: str, device, dtype: torch.dtype, group: int, to_gemm=
         state = to_gemm(state)
     arch = architecture_for(config.model_type)
     state = {arch.module_name(k): v for k, v in state.items()}
-    model = skeleton(config, dtype)
-    for name in state:
-        if name.endswith(".qweight"):
-            path = name[: -len(".qweight")]
-            lin = model.get_submodule(path)
-            set_module(
-                model,
-                path,
-                QuantLinear(
-                    lin.in_features, lin.out_features, group, lin.bias is not None, device="meta", dtype=torch.float16
-                ),
-            )
-    model.to_empty(device=device)
-    init_buffers(model, model._init_weights)
-    missing, unexpected = model.load_state_dict(
-        {k: v if v.dtype == torch.int32 or k.endswith(".scales") else v.to(dtype) for k, v in state.items()},
-        strict=False,
-    )
+    with BUILD_LOCK:  # see its comment: another thread's from_pretrained must not be half-way through
+        model = skeleton(config, dtype)
+        for name in state:
+            if name.endswith(".qweight"):
+                path = name[: -len(".qweight")]
+                lin = model.get_submodule(path)
+                quantized = QuantLinear(lin.in_features, lin.out_features, group, lin.bias is not None,
+                                        device="meta", dtype=torch.float16)  # fmt: skip
+                set_module(model, path, quantized)
+        model.to_empty(device=device)
+        init_buffers(model, model._init_weights)
+        missing, unexpected = model.load_state_dict(
+            {k: v if v.dtype == torch.int32 or k.endswith(".scales") else v.to(dtype) for k, v in state.items()},
+            strict=False,
+        )
     if unexpected:
         raise KeyError(f"{model_dir} holds tensors the model does not have: {unexpected[:3]}")
     if config.tie_word_embeddings:
-        model.tie_weights()
+        # Tied by hand, not with model.tie_weights(): while from_pretrained runs, transformers replaces that
+        # method with a no-op for the whole process, and a loader in another thread then kept lm_head as the
+        # uninitialised memory to_empty gave it: garbage logits, the OverflowError of issue 13.
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing:
         raise KeyError(f"{model_dir} lacks tensors the model needs: {missing[:3]}")

@@ -13,9 +13,10 @@ from awqflow.stages.architectures import Architecture, architecture_for
 from awqflow.stages.moe import unfuse_experts
 from awqflow.storage.checkpoint import CheckpointReader, read_config_json
 
-# transformers sets torch's process-wide default dtype while it builds a model and restores it
-# afterwards: two threads (block tasks) building at once can leave the wrong default behind.
-BUILD_LOCK = threading.Lock()
+# transformers changes process-wide state while it builds or loads a model and restores it afterwards:
+# torch's default dtype, and (from_pretrained) PreTrainedModel.tie_weights and torch's init functions,
+# replaced by no-ops. Every model build and load holds this lock, so no thread sees another's patches.
+BUILD_LOCK = threading.RLock()
 
 
 def load_config(model_dir: str):
@@ -94,7 +95,8 @@ def materialize(
     before the weights are loaded."""
     module.to_empty(device=device).to(dtype)
     if init is not None:
-        init_buffers(module, init)
+        with BUILD_LOCK:  # the model's init uses torch's init functions, which a from_pretrained elsewhere patches
+            init_buffers(module, init)
     names = {k: prefix + (rename(k) if rename else k) for k in module.state_dict()}
     missing = [n for n in names.values() if n not in reader.file_of]
     if missing:
