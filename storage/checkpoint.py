@@ -11,8 +11,10 @@ from safetensors import safe_open
 
 def read_config_json(model_dir: str) -> dict:
     """config.json as a dict; a missing folder or file is named with what to pass instead."""
-    if not os.path.isdir(model_dir):
+    if not os.path.exists(model_dir):
         raise FileNotFoundError(f"model folder {model_dir} does not exist: pass a Hugging Face model directory")
+    if not os.path.isdir(model_dir):
+        raise NotADirectoryError(f"model {model_dir} is a file, not a folder: pass a Hugging Face model directory")
     path = os.path.join(model_dir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no config.json in {model_dir}: pass a Hugging Face model directory")

@@ -51,6 +51,11 @@ def test_missing_model_folder(tmp_path):
     assert_refused(quantize(tmp_path / "nope", tmp_path / "o"), "does not exist", "model directory")
 
 
+def test_model_that_is_a_file(tmp_path):
+    (tmp_path / "model.bin").write_bytes(b"weights")
+    assert_refused(quantize(tmp_path / "model.bin", tmp_path / "o"), "is a file, not a folder")
+
+
 def test_unknown_architecture(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
