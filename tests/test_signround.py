@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from awqflow.stages.block import linears_of
-from awqflow.stages.model import block_kwargs, run_block
+from awqflow.stages.architectures import architecture_for
+from awqflow.stages.method import linears_of
+from awqflow.stages.model import OpenModel, run_block, skeleton
 from awqflow.stages.quantize import QuantConfig, dequantize_codes, quantize_codes
 from awqflow.stages.signround import learn_rounding, quantize_learned
 
@@ -28,7 +29,9 @@ def toy():
         for name, p in block.named_parameters():
             # weights big enough that the block's branches matter next to the residual
             p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in name else 0.08 * torch.randn_like(p))
-    kwargs = block_kwargs(config, SEQLEN, "cpu", torch.float32)[0]
+    # the kwargs need only the structure: no tensor reader
+    m = OpenModel("", config, architecture_for("llama"), None, skeleton(config))
+    kwargs = m.block_kwargs(SEQLEN, "cpu", torch.float32)[0]
     hidden = torch.randn(N_SAMPLES, SEQLEN, 64)
     hidden[..., [3, 40]] *= 8  # outlier channels, as real activations have
     return block, kwargs, hidden, run_block(block, hidden, kwargs)
