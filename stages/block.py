@@ -1,18 +1,20 @@
 """AWQ on one block (scale search -> clip search), and a block's tensors as the checkpoint stores them.
 Touches nothing outside the block."""
 
-import copy
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from awqflow.stages.architectures import Architecture, ScaleGroup
 from awqflow.stages.clip import apply_clip, search_clip
-from awqflow.stages.method import Codes, linears_of
+from awqflow.stages.method import Codes, linears_of, quantized_linears
 from awqflow.stages.model import run_block
 from awqflow.stages.quantize import QuantConfig, dequantize_codes, fake_quantize
 from awqflow.stages.scales import SearchConfig, apply_scales, block_groups, search_scales
 from awqflow.storage.gemm import pack_gemm
+
+STATS_SAMPLES = 16  # windows the block's RTN / AWQ output errors are measured on
 
 
 def input_sources(block: nn.Module, groups: list[ScaleGroup]) -> dict[str, str]:
@@ -28,9 +30,10 @@ def input_sources(block: nn.Module, groups: list[ScaleGroup]) -> dict[str, str]:
 
 def collect_linear_inputs(
     block: nn.Module, arch: Architecture, hidden: torch.Tensor, kwargs: dict, batch_size: int = 8
-) -> dict[str, torch.Tensor]:
-    """The input of every linear of the block on the calibration data, (n, seqlen, in) or (tokens, in)
-    each, keyed as input_sources says. A linear that sees no token (an expert never routed to) is absent."""
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(the input of every linear of the block on the calibration data, (n, seqlen, in) or (tokens, in)
+    each, keyed as input_sources says; the block's output), from one pass. A linear that sees no token
+    (an expert never routed to) is absent."""
     hooked = dict(input_sources(block, block_groups(block, arch)).values())
     seen: dict[str, list[torch.Tensor]] = {key: [] for key in hooked.values()}
 
@@ -43,24 +46,30 @@ def collect_linear_inputs(
         for module, key in hooked.items()
     ]
     try:
-        with torch.no_grad():
-            for chunk in hidden.split(batch_size):
-                block(chunk, **kwargs)
+        out = run_block(block, hidden, kwargs, batch_size)
     finally:
         for h in handles:
             h.remove()
-    return {k: torch.cat(v) for k, v in seen.items() if v}
+    return {k: torch.cat(v) for k, v in seen.items() if v}, out
 
 
-def fake_quant_output(
-    block: nn.Module, arch: Architecture, hidden: torch.Tensor, kwargs: dict, qcfg: QuantConfig
-) -> torch.Tensor:
-    """The block's output with its linears (those that get quantized) replaced by Q(W)."""
-    trial = copy.deepcopy(block)
-    for name, lin in linears_of(trial).items():
-        if name not in arch.unquantized:
-            lin.weight.data = fake_quantize(lin.weight.data, qcfg)
-    return run_block(trial, hidden, kwargs)
+@contextmanager
+def fake_quantized(block: nn.Module, arch: Architecture, qcfg: QuantConfig):
+    """The block with its quantized linears' weights replaced by Q(W) for the duration, then restored."""
+    lins = quantized_linears(block, arch)
+    saved = {name: lin.weight.data for name, lin in lins.items()}
+    for lin in lins.values():
+        lin.weight.data = fake_quantize(lin.weight.data, qcfg)
+    try:
+        yield block
+    finally:
+        for name, lin in lins.items():
+            lin.weight.data = saved[name]
+
+
+def output_mse(block: nn.Module, arch: Architecture, hidden, kwargs, qcfg: QuantConfig, ref: torch.Tensor) -> float:
+    with fake_quantized(block, arch, qcfg):
+        return float((run_block(block, hidden, kwargs) - ref).float().pow(2).mean())
 
 
 @torch.no_grad()
@@ -75,11 +84,13 @@ def search_block(
 ) -> dict:
     """AWQ on one FP block, in place: searches all scales on the FP block first, then fuses them, then
     clips (on the scaled inputs), as AutoAWQ does. Returns the search statistics per group and the
-    block's output error (MSE against the FP block) quantized plainly (RTN) and after AWQ."""
-    fp_out = run_block(block, hidden, kwargs)
-    rtn_mse = float((fake_quant_output(block, arch, hidden, kwargs, qcfg) - fp_out).float().pow(2).mean())
+    block's output error (MSE against the FP block, on the first STATS_SAMPLES windows) quantized plainly
+    (RTN) and after AWQ."""
+    inputs, fp_out = collect_linear_inputs(block, arch, hidden, kwargs)
+    # the RTN-vs-AWQ statistics only describe the result: a subsample of the windows is enough
+    few, few_out = hidden[:STATS_SAMPLES], fp_out[:STATS_SAMPLES]
+    rtn_mse = output_mse(block, arch, few, kwargs, qcfg, few_out)
     groups = block_groups(block, arch)
-    inputs = collect_linear_inputs(block, arch, hidden, kwargs)
     found = []
     for group in groups:
         if group.linears[0] in inputs:
@@ -96,7 +107,7 @@ def search_block(
             key = sources[name][1]
             if name not in arch.no_clip and name not in arch.unquantized and key in inputs:
                 apply_clip(lin.weight, search_clip(lin.weight, inputs[key], qcfg))
-    awq_mse = float((fake_quant_output(block, arch, hidden, kwargs, qcfg) - fp_out).float().pow(2).mean())
+    awq_mse = output_mse(block, arch, few, kwargs, qcfg, few_out)
     return {"groups": stats, "output_mse_rtn": rtn_mse, "output_mse_awq": awq_mse}
 
 

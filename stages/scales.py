@@ -141,6 +141,8 @@ def grid_losses(
     one candidate at a time: needed where a module routes tokens (MoE experts see a subset of the
     batch, so candidates cannot ride along the batch dimension)."""
     lins = [root.get_submodule(n) for n in linears]
+    if linears == [inspect] and batched:
+        return gram_losses(lins[0].weight, scales, x, qcfg, scfg)
     n_cand = scales.shape[0]
     weight_bytes = sum(lin.weight.numel() for lin in lins) * x.element_size() * 2
     widest = max([x.shape[-1]] + [lin.out_features for lin in lins])
@@ -163,6 +165,24 @@ def grid_losses(
                         (out.view(len(s), -1) - ref.view(1, -1)).pow(2).sum(dim=1).double()
                     )
     return sq_err / sum(r.numel() for r in refs)
+
+
+def gram_losses(
+    w: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, qcfg: QuantConfig, scfg: SearchConfig
+) -> torch.Tensor:
+    """grid_losses where the inspected module is the one linear: its output error is x @ D^T with
+    D = Q(W * s) / s - W (the bias cancels), so the mean squared error is tr(D G D^T) / (tokens * out)
+    with G = x^T x, computed once. The grid then costs out * in^2 per candidate, not tokens * in * out."""
+    xt = x.reshape(-1, x.shape[-1]).float()
+    gram = xt.T @ xt
+    w = w.float()
+    per_cand = w.numel() * 4 * 3  # the candidate's Q(W), D and D @ G, float32
+    chunk = int(max(1, min(len(scales), scfg.memory_budget // per_cand)))
+    losses = []
+    for s in scales.float().split(chunk):
+        d = fake_quantize_stack(w, s, qcfg) - w
+        losses.append(((d @ gram) * d).sum(dim=(1, 2)).double())
+    return torch.cat(losses) / (xt.shape[0] * w.shape[0])
 
 
 def fake_quantize_stack(w: torch.Tensor, s: torch.Tensor, qcfg: QuantConfig) -> torch.Tensor:

@@ -73,7 +73,7 @@ def test_grid_losses_equal_one_candidate_at_a_time():
     x = calib_inputs(dtype=torch.float32)
     qcfg, scfg = QuantConfig(4, 64), SearchConfig(n_grid=5, memory_budget=1 << 20)  # small budget: chunked
     group = LLAMA.groups[0]
-    inputs = collect_linear_inputs(block, LLAMA, x, kwargs)[group.linears[0]]
+    inputs = collect_linear_inputs(block, LLAMA, x, kwargs)[0][group.linears[0]]
     linears = [block.get_submodule(n) for n in group.linears]
     _, cands = candidate_scales(inputs, [lin.weight for lin in linears], qcfg, scfg)
     grid = grid_losses(block, "self_attn", list(group.linears), cands, inputs, qcfg, scfg, kwargs)
@@ -88,13 +88,29 @@ def test_grid_losses_equal_one_candidate_at_a_time():
         torch.testing.assert_close(grid[c].float(), direct.detach(), rtol=2e-4, atol=1e-9)
 
 
+def test_single_linear_groups_use_the_gram_matrix_and_agree_with_the_forward():
+    """up->down: the Gram-matrix losses equal the losses of running down_proj under every candidate."""
+    block, kwargs = make_block(2, torch.float32)
+    x = calib_inputs(dtype=torch.float32)
+    qcfg, scfg = QuantConfig(4, 64), SearchConfig(n_grid=8)
+    inputs, _ = collect_linear_inputs(block, LLAMA, x, kwargs)
+    group = LLAMA.groups[-1]
+    assert group.linears == (group.inspect,)
+    x_down = inputs[group.linears[0]]
+    _, cands = candidate_scales(x_down, [block.get_submodule(group.inspect).weight], qcfg, scfg)
+    args = (block, group.inspect, list(group.linears), cands, x_down, qcfg, scfg)
+    gram, forward = grid_losses(*args), grid_losses(*args, batched=False)
+    torch.testing.assert_close(gram, forward, rtol=1e-4, atol=0)
+    assert int(gram.argmin()) == int(forward.argmin())
+
+
 @pytest.mark.parametrize("duo", [True, False])
 @pytest.mark.parametrize("bits,group", [(4, 128), (3, 64)])
 def test_chosen_scales_never_lose_to_identity(duo, bits, group):
     block, kwargs = make_block(2, torch.float32)
     x = calib_inputs(dtype=torch.float32)
     qcfg = QuantConfig(bits, group)
-    inputs = collect_linear_inputs(block, LLAMA, x, kwargs)
+    inputs, _ = collect_linear_inputs(block, LLAMA, x, kwargs)
     for g in LLAMA.groups:
         if group_applies(block, g):
             s, info = search_scales(block, g, inputs[g.linears[0]], qcfg, SearchConfig(duo_scaling=duo), kwargs)
