@@ -32,6 +32,12 @@ class Options(BaseModel):
     clip: bool = Field(True, description="AWQ clip search after the scale search")
     duo_scaling: bool = Field(True, description="s = x_mean^a / w_mean^(1-a); off: s = x_mean^a")
     n_grid: int = Field(20, ge=1, description="alpha grid points of the scale search")
+    grid_stride: int = Field(
+        4,
+        ge=1,
+        description="scale search: every k-th alpha first, then every alpha between the best one's "
+        "neighbours (1: the whole grid)",
+    )
     gptq_damp: float = Field(
         0.01, gt=0, le=1, description="gptq, awq-gptq: damping added to the Hessian's diagonal, times its mean"
     )

@@ -1,10 +1,14 @@
 """AWQ scale search (SPEC §3): one exponent alpha per scale group, chosen on the module's output.
 
 s = x_mean^alpha / w_mean^(1-alpha) ("duo") or x_mean^alpha ("plain"), normalised so that
-max(s) * min(s) = 1. Every alpha of the grid plus the identity (s = 1, i.e. RTN) is evaluated at
-once: the candidates ride along the batch dimension, each linear of the group multiplying its slice
-of the batch by that candidate's weights, so the grid costs one batched pass rather than a Python
-loop of small kernels.
+max(s) * min(s) = 1. The candidates of a pass ride along the batch dimension, each linear of the group
+multiplying its slice of the batch by that candidate's weights, so a pass costs one batched forward
+rather than a Python loop of small kernels.
+
+Coarse to fine: the identity (s = 1, i.e. RTN) and every grid_stride-th alpha first, then every alpha
+between the best coarse one's neighbours. The loss is smooth enough in alpha for this to find the full
+grid's alpha in 35 of 36 groups (bundled model and SmolLM2-135M, 12 of 21 candidates at stride 4; the
+one miss cost 0.8 % of that group's loss).
 """
 
 import re
@@ -25,7 +29,12 @@ QUANTILES = (0.0, 0.01, 0.25, 0.5, 0.75, 0.99, 1.0)
 class SearchConfig:
     n_grid: int = 20
     duo_scaling: bool = True
-    memory_budget: int = 2 << 30  # bytes that one step of the grid may hold (weights + activations)
+    grid_stride: int = 4  # 1: every alpha of the grid
+    # bytes one step of the grid may hold (weights + activations). Small on purpose: glibc serves
+    # allocations over 32 MiB with fresh mmaps, and on a CPU the page faults of GiB-sized steps cost
+    # more system time than the larger matmuls save (block 0 of the bundled model: 29.6 s at 2 GiB,
+    # 21.5 s at 60 MB, same result)
+    memory_budget: int = 64 << 20
 
 
 def group_applies(block: nn.Module, group: ScaleGroup) -> bool:
@@ -204,17 +213,26 @@ def search_scales(
     """Best per-input-channel scales for one group, and what the search saw."""
     weights = [block.get_submodule(n).weight for n in group.linears]
     alphas, cands = candidate_scales(x, weights, qcfg, scfg)
-    losses = grid_losses(
-        block,
-        group.inspect,
-        list(group.linears),
-        cands,
-        x,
-        qcfg,
-        scfg,
-        kwargs if group.inspect_takes_kwargs else None,
-        batched=not group.routes_tokens,
-    )
+    losses = torch.full((len(cands),), torch.inf, dtype=torch.float64, device=cands.device)
+
+    def evaluate(indices: list[int]) -> None:
+        todo = [i for i in indices if 0 <= i < len(cands) and losses[i] == torch.inf]
+        if todo:
+            losses[todo] = grid_losses(
+                block,
+                group.inspect,
+                list(group.linears),
+                cands[todo],
+                x,
+                qcfg,
+                scfg,
+                kwargs if group.inspect_takes_kwargs else None,
+                batched=not group.routes_tokens,
+            ).to(losses)
+
+    evaluate([0, *range(1, len(cands), scfg.grid_stride)])
+    coarse = int(torch.argmin(losses[1:])) + 1
+    evaluate(list(range(coarse - scfg.grid_stride + 1, coarse + scfg.grid_stride)))
     best = int(torch.argmin(losses))
     s = cands[best]
     info = {

@@ -160,3 +160,30 @@ def test_checkpoint_tensors_are_packed_for_4_bit_and_dense_for_3_bit():
     assert w.shape == (128, 256)
     # at most 8 distinct values per (row, group) in a 3-bit checkpoint
     assert w.view(128, 4, 64)[0, 0].unique().numel() <= 8
+
+
+def test_coarse_to_fine_search_picks_the_best_of_the_coarse_grid_and_the_bracket_around_it():
+    """grid_stride=k: the identity and every k-th alpha, then every alpha between the best coarse
+    alpha's neighbours; the chosen alpha is the best of those, with the loss the full grid gives it."""
+    block, kwargs = make_block(2, torch.float32)
+    x = calib_inputs(dtype=torch.float32)
+    qcfg = QuantConfig(3, 64)
+    inputs, _ = collect_linear_inputs(block, LLAMA, x, kwargs)
+    for g in LLAMA.groups:
+        if not group_applies(block, g):
+            continue
+        args = (block, g, inputs[g.linears[0]], qcfg)
+        _, info_full = search_scales(*args, SearchConfig(n_grid=20, grid_stride=1), kwargs)
+        weights = [block.get_submodule(n).weight for n in g.linears]
+        alphas, cands = candidate_scales(args[2], weights, qcfg, SearchConfig())
+        kw = kwargs if g.inspect_takes_kwargs else None
+        full = grid_losses(block, g.inspect, list(g.linears), cands, args[2], qcfg, SearchConfig(), kw).double()
+        assert info_full["loss"] == pytest.approx(float(full.min()), rel=1e-5)
+        coarse = [0, *range(1, 21, 4)]
+        best_coarse = min(coarse[1:], key=lambda i: full[i])
+        seen = set(coarse) | set(range(best_coarse - 3, min(21, best_coarse + 4)))
+        expected = min(seen, key=lambda i: full[i])
+        _, info = search_scales(*args, SearchConfig(n_grid=20, grid_stride=4), kwargs)
+        assert info["alpha"] == alphas[expected]
+        assert info["loss"] == pytest.approx(float(full[expected]), rel=1e-5)
+        assert info["loss"] <= info["loss_identity"]

@@ -3,14 +3,12 @@ the weights so changed are rounded to nearest."""
 
 from collections import defaultdict
 
-from awqflow.stages.block import search_block
+from awqflow.stages.block import AWQ_OPTIONS, awq_search
 from awqflow.stages.method import Method, round_linears
-from awqflow.stages.scales import SearchConfig
 
 
 def awq_block(block, arch, inputs, opts):
-    search = SearchConfig(n_grid=opts.n_grid, duo_scaling=opts.duo_scaling)
-    stats = search_block(block, arch, inputs.hidden, inputs.kwargs, opts.quant, search, opts.clip)
+    stats = awq_search(block, arch, inputs, opts)
     return round_linears(block, arch, opts.quant), stats
 
 
@@ -55,4 +53,4 @@ def scale_table(stats: dict) -> list[dict]:
     return rows
 
 
-METHOD = Method("awq", awq_block, needs_inputs=True, options=("n_grid", "duo_scaling", "clip"), table=scale_table)
+METHOD = Method("awq", awq_block, needs_inputs=True, options=AWQ_OPTIONS, table=scale_table)

@@ -5,12 +5,11 @@ on the scaled block, i.e. of the inputs as each scaled linear sees them (X / s).
 import torch
 from torch import nn
 
-from awqflow.stages.block import search_block
+from awqflow.stages.block import AWQ_OPTIONS, awq_search
 from awqflow.stages.gptq import add_to_hessian, gptq_codes
 from awqflow.stages.method import Method, quantized_linears
 from awqflow.stages.methods.awq import scale_table
 from awqflow.stages.quantize import quantize_codes
-from awqflow.stages.scales import SearchConfig
 
 
 @torch.no_grad()
@@ -59,8 +58,7 @@ def gptq_block(block, arch, inputs, opts):
 
 
 def awq_gptq_block(block, arch, inputs, opts):
-    search = SearchConfig(n_grid=opts.n_grid, duo_scaling=opts.duo_scaling)
-    stats = search_block(block, arch, inputs.hidden, inputs.kwargs, opts.quant, search, opts.clip)
+    stats = awq_search(block, arch, inputs, opts)
     return gptq_linears(block, arch, inputs, opts), stats
 
 
@@ -69,6 +67,6 @@ AWQ_GPTQ = Method(
     "awq-gptq",
     awq_gptq_block,
     needs_inputs=True,
-    options=("n_grid", "duo_scaling", "clip", "gptq_damp", "gptq_block_size"),
+    options=(*AWQ_OPTIONS, "gptq_damp", "gptq_block_size"),
     table=scale_table,
 )

@@ -8,12 +8,11 @@ import logging
 
 import torch
 
-from awqflow.stages.block import search_block
+from awqflow.stages.block import AWQ_OPTIONS, awq_search
 from awqflow.stages.method import Method, quantized_linears, round_linears
 from awqflow.stages.methods.awq import scale_table
 from awqflow.stages.model import run_block
 from awqflow.stages.quantize import dequantize_codes
-from awqflow.stages.scales import SearchConfig
 from awqflow.stages.signround import learn_rounding
 
 log = logging.getLogger("awqflow.round")
@@ -54,8 +53,7 @@ def tune(block, arch, inputs, opts, target: torch.Tensor) -> tuple[dict, dict]:
 
 def awq_round_block(block, arch, inputs, opts):
     target = run_block(block, inputs.hidden, inputs.kwargs)  # the FP block's output (scaling keeps it)
-    search = SearchConfig(n_grid=opts.n_grid, duo_scaling=opts.duo_scaling)
-    stats = search_block(block, arch, inputs.hidden, inputs.kwargs, opts.quant, search, opts.clip)
+    stats = awq_search(block, arch, inputs, opts)
     codes, stats["round"] = tune(block, arch, inputs, opts, target)
     return codes, stats
 
@@ -85,7 +83,7 @@ def round_table(stats: dict) -> list[dict]:
 
 ROUND_OPTIONS = ("round_steps", "round_lr", "round_batch_size", "round_dtype", "round_patience", "seed")
 AWQ_ROUND = Method(
-    "awq-round", awq_round_block, needs_inputs=True, options=("n_grid", "duo_scaling", "clip", *ROUND_OPTIONS),
+    "awq-round", awq_round_block, needs_inputs=True, options=(*AWQ_OPTIONS, *ROUND_OPTIONS),
     table=round_table,
 )  # fmt: skip
 ROUND = Method("round", round_block, needs_inputs=True, options=ROUND_OPTIONS, table=round_table)
