@@ -87,10 +87,12 @@ def cmd_quantize(a) -> None:
     from awqflow import preflight
 
     options = options_from(a)
-    preflight.check_run(a.model, a.out, options)  # bad input fails here, in seconds, before Prefect starts
-    from awqflow.flows.awq import awq
+    with preflight.prefect_session(debug=a.debug or bool(os.environ.get("AWQFLOW_DEBUG"))) as ready, closed_bars():
+        # while the Prefect server starts: bad input fails here, in seconds, before any model pass
+        preflight.check_run(a.model, a.out, options)
+        from awqflow.flows.awq import awq
 
-    with preflight.prefect_session(debug=a.debug or bool(os.environ.get("AWQFLOW_DEBUG"))), closed_bars():
+        ready()
         result = awq(model=a.model, out=a.out, options=options, progress=True)
     print(result["report"])
     print(f"output: {os.path.abspath(a.out)}")

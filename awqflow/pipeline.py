@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import AutoTokenizer
 
-from awqflow.evaluate import evaluate
+from awqflow.evaluate import evaluate_checkpoints
 from awqflow.options import Options
 from awqflow.stages.block import checkpoint_tensors
 from awqflow.stages.calibration import calibration_windows
@@ -310,17 +310,9 @@ def run(model: str, out: str, options: Options, runner=None) -> dict:
                 baseline = o.model_copy(update={"method": "rtn", "eval_text": None})
                 checkpoints["RTN"] = run(model, out.rstrip("/") + ".rtn", baseline, runner)["out"]
             checkpoints[o.method.upper()] = out
-            # one after another: each evaluation already uses every core (or the whole GPU)
-            for label, path in checkpoints.items():
-                table[label] = runner.stage(
-                    f"evaluate-{label}",
-                    evaluate,
-                    path,
-                    o.eval_text,
-                    o.eval_seqlen,
-                    devices[0],
-                    reference=None if label == "FP" else model,
-                )
+            table = runner.stage(
+                "evaluate", evaluate_checkpoints, checkpoints, o.eval_text, o.eval_seqlen, devices[0], reference="FP"
+            )
     timings["total"] = time.perf_counter() - t0
     return {
         "out": out,

@@ -65,46 +65,89 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-@contextmanager
-def prefect_session(startup_timeout: int = 180, debug: bool = False):
-    """The Prefect API for one CLI run. With PREFECT_API_URL set, the user's server. Otherwise a
-    temporary server owned by this process: it cannot outlive it, it gets a startup timeout that a
-    loaded machine meets, and concurrent runs start theirs one at a time (the first start creates the
-    shared database; two at once race on it)."""
-    import fcntl
-
+def _spawn_server(server) -> None:
+    """Start Prefect's temporary server process from this (the main) thread: the parent-death signal
+    follows the thread that forks, so a helper thread's exit would stop the server."""
     import prefect.server.api.server as server_module
-    from prefect.logging.handlers import APILogWorker
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
-    if not debug:
-        quiet_prefect_errors()
-    if PREFECT_API_URL.value():
-        yield
-        return
     real_popen = server_module.subprocess.Popen
 
     def popen(*args, **kwargs):
         return real_popen(*args, preexec_fn=_die_with_parent, **kwargs)
 
+    server.port = server.find_available_port()
+    server_module.subprocess.Popen = popen
+    try:
+        server.server_process = server._run_uvicorn_command()
+    finally:
+        server_module.subprocess.Popen = real_popen
+    server.running = True
+
+
+def _wait_for_server(server, timeout: float) -> None:
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    with httpx.Client() as client:
+        while time.monotonic() < deadline:
+            code = server.server_process.poll()
+            if code == 3:  # uvicorn could not bind the port: another process took it meanwhile
+                _spawn_server(server)
+            elif code is not None:
+                raise RuntimeError(f"the temporary Prefect server exited with code {code}: rerun with --debug")
+            try:
+                if client.get(f"{server.api_url}/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+    raise RuntimeError(
+        f"the temporary Prefect server did not answer within {timeout:.0f} s: "
+        "set PREFECT_API_URL to a running server, or retry on a less loaded machine"
+    )
+
+
+@contextmanager
+def prefect_session(startup_timeout: int = 180, debug: bool = False):
+    """The Prefect API for one CLI run. With PREFECT_API_URL set, the user's server. Otherwise a
+    temporary server owned by this process: it cannot outlive it, it gets a startup timeout that a
+    loaded machine meets, and concurrent runs start theirs one at a time (the first start creates the
+    shared database; two at once race on it).
+
+    The server starts in the background: the body does its own start-up work meanwhile (input checks,
+    imports; an error there stops the server unused) and calls the yielded `ready()` before the API."""
+    import fcntl
+    from contextlib import ExitStack
+
+    import prefect.server.api.server as server_module
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    # Prefect sets its log handlers up when the flows are imported, which the body does: quiet them then
+    quiet = (lambda: None) if debug else quiet_prefect_errors
+    if PREFECT_API_URL.value():
+        yield quiet
+        return
     home = PREFECT_HOME.value()
     home.mkdir(parents=True, exist_ok=True)
     server = server_module.SubprocessASGIServer()
-    with open(home / "awqflow-server.lock", "w") as lock:
+    with ExitStack() as stack:
+        lock = stack.enter_context(open(home / "awqflow-server.lock", "w"))
         fcntl.flock(lock, fcntl.LOCK_EX)
-        server_module.subprocess.Popen = popen
-        try:
-            server.start(timeout=startup_timeout)
-        finally:
-            server_module.subprocess.Popen = real_popen
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            try:
-                yield
-            finally:
-                APILogWorker.drain_all(timeout=5)  # the run's last log lines reach the server before it stops
-    finally:
-        server.stop()
+        stack.callback(server.stop)
+        _spawn_server(server)
+
+        def ready() -> None:
+            quiet()
+            _wait_for_server(server, startup_timeout)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            stack.enter_context(temporary_settings(updates={PREFECT_API_URL: server.api_url}))
+            # the run's last log lines reach the server before it stops
+            stack.callback(APILogWorker.drain_all, timeout=5)
+
+        yield ready
 
 
 def report_error(e: BaseException) -> None:

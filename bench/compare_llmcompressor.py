@@ -1,17 +1,34 @@
-"""awqflow vs llm-compressor on the bundled model: same calibration windows, same eval windows.
+"""Whole `awqflow quantize` against whole llm-compressor AWQ / GPTQ processes, in one run.
 
-For w4/w3 x g64/g128 (asymmetric, lm_head kept): awqflow AWQ (with and without its clip search,
-which llm-compressor's AWQ does not have), awqflow RTN, llm-compressor AWQModifier and
-GPTQModifier. llm-compressor runs in its own venv (bench/setup_llmcompressor_env.sh) through
-bench/llmcompressor_worker.py; awqflow runs here. Prints perplexities and wall times side by side
-and writes them to bench/results/compare_llmcompressor.json.
+Every method gets the same model, the same calibration windows and the same evaluation windows.
+awqflow runs as its CLI in a subprocess (ephemeral Prefect, no evaluation); llm-compressor runs
+bench/llmcompressor_worker.py in its own venv (bench/setup_llmcompressor_env.sh), which loads the
+model, runs oneshot() and saves the compressed checkpoint before it evaluates. For each method:
 
-    .venv/bin/python bench/compare_llmcompressor.py [--configs 4:128,3:64] [--n-samples 128]
+- seconds: wall time from starting the process until its quantized checkpoint is on disk (ours: the
+  whole CLI process; theirs: spawn until the worker's save returns, its evaluation left out);
+- ratio: seconds / llm-compressor AWQ's seconds in the same run;
+- peak RSS of the quantizing process (ours: ru_maxrss from wait4; theirs: ru_maxrss before it
+  evaluates);
+- ppl and mean KL(P_fp || P_quant) per token on the eval windows, by bench/anchor_eval.evaluate
+  (the function the worker uses too), float32.
+
+The calibration windows our CLI builds are checked against the ones llm-compressor gets (their
+fingerprint is recorded in our checkpoint's config.json). Writes
+bench/results/compare-<name>.json and prints a markdown table.
+
+    nice .venv/bin/python bench/compare_llmcompressor.py                        # bundled model
+    nice .venv/bin/python bench/compare_llmcompressor.py --name smollm2-135m \\
+        --model ~/.cache/awqflow/models/smollm2-135m-instruct --group-size 64 --n-samples 32 \\
+        --max-eval-windows 40                                                    # bench/real_model.py
+    ... --ours "--grid-stride 1"        # an extra awqflow row with other CLI options
 """
 
 import argparse
 import json
 import os
+import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -23,117 +40,129 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from awqflow import pipeline  # noqa: E402
 from awqflow.load import load_model  # noqa: E402
-from awqflow.options import Options  # noqa: E402
 from awqflow.stages.calibration import calibration_windows  # noqa: E402
-from awqflow.stages.perplexity import eval_windows, perplexity  # noqa: E402
+from awqflow.stages.perplexity import eval_windows  # noqa: E402
 from awqflow.storage.fingerprint import tensor_fingerprint  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+sys.path.insert(0, BENCH)
+from anchor_eval import evaluate, load_fp_model  # noqa: E402
+
 LLMC_PY = os.path.join(ROOT, ".bench-envs", "llmcompressor", "bin", "python")
+AWQFLOW = os.path.join(os.path.dirname(sys.executable), "awqflow")
 
 
-def ours(model, tmp, windows_eval, label, **opts):
-    out = f"{tmp}/{label}"
-    t = time.perf_counter()
-    pipeline.run(model, out, Options(work_dir=f"{tmp}/work", **opts))
-    seconds = time.perf_counter() - t
-    return {"ppl": perplexity(load_model(out), windows_eval)["ppl"], "seconds": seconds}
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def theirs(model, tmp, method, w_bit, group):
-    out = f"{tmp}/llmc-{method}-{w_bit}-{group}.json"
-    subprocess.run(
-        [
-            LLMC_PY,
-            os.path.join(ROOT, "bench", "llmcompressor_worker.py"),
-            "--model",
-            model,
-            "--calib-windows",
-            f"{tmp}/calib.pt",
-            "--eval-windows",
-            f"{tmp}/eval.pt",
-            "--method",
-            method,
-            "--w-bit",
-            str(w_bit),
-            "--group-size",
-            str(group),
-            "--out",
-            out,
-        ],
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    with open(out) as f:
+def ours(a, tmp, label, extra, windows, reference):
+    out = os.path.join(tmp, label)
+    cmd = [AWQFLOW, "quantize", "--model", a.model, "--out", out, "--calib", a.calib]
+    cmd += ["--n-samples", str(a.n_samples), "--seqlen", str(a.seqlen), "--w-bit", str(a.w_bit)]
+    cmd += ["--group-size", str(a.group_size), *shlex.split(extra)]
+    log(f"{label}: {shlex.join(cmd)}")
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(f"{out}.log", "w"))
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if status:
+        raise SystemExit(f"{label} failed ({status}); see {out}.log")
+    with open(os.path.join(out, "config.json")) as f:
+        found = json.load(f)["awqflow"]["calibration_fingerprint"]
+    return {
+        "seconds": round(seconds, 1),
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
+        "peak_rss_mib": round(usage.ru_maxrss / 1024),
+        "calibration_fingerprint": found,
+        **evaluate(load_model(out).float(), windows, reference=reference),
+    }
+
+
+def theirs(a, tmp, method, calib_pt, eval_pt):
+    out = os.path.join(tmp, f"llmc-{method}")
+    cmd = [LLMC_PY, os.path.join(BENCH, "llmcompressor_worker.py"), "--model", a.model]
+    cmd += ["--calib-windows", calib_pt, "--eval-windows", eval_pt, "--method", method, "--w-bit", str(a.w_bit)]
+    cmd += ["--group-size", str(a.group_size), "--max-eval-windows", str(a.max_eval_windows)]
+    cmd += ["--save", out, "--out", f"{out}.json"]
+    log(f"llmc-{method}: {shlex.join(cmd)}")
+    start = time.time()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=open(f"{out}.log", "w"))
+    with open(f"{out}.json") as f:
         r = json.load(f)
-    return {"ppl": r["ppl"], "seconds": r["quant_seconds"], "version": r.get("llmcompressor_version")}
+    return {
+        "seconds": round(r["saved_at"] - start, 1),
+        "quant_seconds": r["quant_seconds"],
+        "cpu_seconds": r["quant_cpu_seconds"],
+        "peak_rss_mib": round(r["peak_rss_mib"]),
+        "version": r["version"],
+        **{k: r[k] for k in ("ppl", "kl_mean", "kl_max_token", "fp_ppl", "tokens", "windows")},
+    }
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=os.path.join(ROOT, "fixture", "model"))
+    ap.add_argument("--name", default="fixture")
     ap.add_argument("--calib", default=os.path.join(ROOT, "fixture", "data", "calib.txt"))
     ap.add_argument("--eval", default=os.path.join(ROOT, "fixture", "data", "eval.txt"))
-    ap.add_argument("--configs", default="4:128,4:64,3:128,3:64", help="w_bit:group_size,...")
+    ap.add_argument("--w-bit", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--n-samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "compare_llmcompressor.json"))
+    ap.add_argument("--max-eval-windows", type=int, default=0, help="0: every window of the eval text")
+    ap.add_argument("--ours", action="append", default=[], help="CLI options of an extra awqflow row")
+    ap.add_argument("--methods", default="awqflow,llmc-awq,llmc-gptq")
     a = ap.parse_args()
-    subprocess.run(["bash", os.path.join(ROOT, "bench", "setup_llmcompressor_env.sh")], check=True)
+    a.model = os.path.abspath(os.path.expanduser(a.model))
+    subprocess.run(["bash", os.path.join(BENCH, "setup_llmcompressor_env.sh")], check=True, stdout=subprocess.DEVNULL)
 
-    tmp = tempfile.mkdtemp(prefix="awqflow-compare-")
+    tmp = tempfile.mkdtemp(prefix=f"awqflow-compare-{a.name}-")
     tok = AutoTokenizer.from_pretrained(a.model)
     calib = calibration_windows(a.calib, tok, a.n_samples, a.seqlen)
-    torch.save(calib, f"{tmp}/calib.pt")
     with open(a.eval, encoding="utf-8") as f:
-        ev = eval_windows(tok, f.read(), a.seqlen)
-    torch.save(ev, f"{tmp}/eval.pt")
-    fp = perplexity(load_model(a.model), ev)["ppl"]
-    common = dict(calib=a.calib, n_samples=a.n_samples, seqlen=a.seqlen)
+        windows = eval_windows(tok, f.read(), a.seqlen)
+    if a.max_eval_windows:
+        windows = windows[: a.max_eval_windows]
+    calib_pt, eval_pt = os.path.join(tmp, "calib.pt"), os.path.join(tmp, "eval.pt")
+    torch.save(calib, calib_pt)
+    torch.save(windows, eval_pt)
+    reference = load_fp_model(a.model)
 
-    rows = []
-    for cfg in a.configs.split(","):
-        w_bit, group = map(int, cfg.split(":"))
-        q = dict(w_bit=w_bit, group_size=group)
-        row = {
-            "w_bit": w_bit,
-            "group_size": group,
-            "fp": fp,
-            "rtn": ours(a.model, tmp, ev, f"rtn-{cfg}", method="rtn", **q, **common),
-            "awqflow_awq": ours(a.model, tmp, ev, f"awq-{cfg}", **q, **common),
-            "awqflow_awq_noclip": ours(a.model, tmp, ev, f"awqnc-{cfg}", clip=False, **q, **common),
-            "llmc_awq": theirs(a.model, tmp, "awq", w_bit, group),
-            "llmc_gptq": theirs(a.model, tmp, "gptq", w_bit, group),
-        }
-        rows.append(row)
-        print(json.dumps(row), file=sys.stderr)
+    rows = {}
+    methods = a.methods.split(",")
+    for method in methods:
+        if method == "awqflow":
+            for extra in ["", *a.ours]:
+                label = "awqflow awq" + (f" {extra}" if extra else "")
+                rows[label] = ours(a, tmp, label.replace(" ", "_"), extra, windows, reference)
+                if rows[label]["calibration_fingerprint"] != tensor_fingerprint(calib):
+                    raise SystemExit(f"{label} calibrated on other windows than llm-compressor gets")
+        else:
+            rows[method] = theirs(a, tmp, method.removeprefix("llmc-"), calib_pt, eval_pt)
+        log(f"{list(rows)[-1]}: {json.dumps(rows[list(rows)[-1]])}")
 
-    cols = ["rtn", "awqflow_awq", "awqflow_awq_noclip", "llmc_awq", "llmc_gptq"]
+    base = rows.get("llmc-awq", {}).get("seconds")
     print(
-        f"\nbundled model, FP ppl {fp:.3f}; {ev.shape[0]} eval windows x {a.seqlen}; "
-        f"calibration {a.n_samples} x {a.seqlen}; ppl (quantization seconds)"
+        f"\n{a.name}: w{a.w_bit} g{a.group_size}, calibration {a.n_samples} x {a.seqlen}, "
+        f"{windows.shape[0]} eval windows x {a.seqlen}; FP ppl {next(iter(rows.values()))['fp_ppl']:.3f}; "
+        f"{os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}"
     )
-    print("| w | g | " + " | ".join(cols) + " |\n|---|---|" + "---|" * len(cols))
-    for r in rows:
-        print(
-            f"| {r['w_bit']} | {r['group_size']} | "
-            + " | ".join(f"{r[c]['ppl']:.3f} ({r[c]['seconds']:.0f} s)" for c in cols)
-            + " |"
-        )
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
+    print("| method | seconds | vs llm-compressor AWQ | peak RSS MiB | ppl | mean KL |\n|---|---|---|---|---|---|")
+    for label, r in rows.items():
+        ratio = f"{r['seconds'] / base:.2f}x" if base else "-"
+        print(f"| {label} | {r['seconds']:.0f} | {ratio} | {r['peak_rss_mib']} | {r['ppl']:.3f} | {r['kl_mean']:.5f} |")
+    os.makedirs(os.path.join(BENCH, "results"), exist_ok=True)
+    with open(os.path.join(BENCH, "results", f"compare-{a.name}.json"), "w") as f:
         json.dump(
             {
-                "date": time.strftime("%Y-%m-%d"),
-                "cpu_cores": os.cpu_count(),
-                "n_samples": a.n_samples,
-                "seqlen": a.seqlen,
+                "date": time.strftime("%Y-%m-%d %H:%M"),
+                "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                "args": vars(a),
                 "calib_fingerprint": tensor_fingerprint(calib),
-                "eval_fingerprint": tensor_fingerprint(ev),
-                "fp_ppl": fp,
+                "eval_fingerprint": tensor_fingerprint(windows),
                 "rows": rows,
             },
             f,

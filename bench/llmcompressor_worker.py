@@ -14,7 +14,8 @@ lm_head left unquantized. Perplexity is computed on the in-memory fake-quantized
 mean KL(P_fp || P_quant) over the same tokens, P_fp from the float32 FP model reloaded from
 --model in this process after quantization (bench/anchor_eval.py, shared with the AutoRound
 worker). peak_rss_mib is ru_maxrss of this process when quantization ends (model load +
-quantization, before the FP reference is loaded for evaluation); peak_rss_mib_total at exit.
+quantization [+ --save], before the FP reference is loaded for evaluation); peak_rss_mib_total at
+exit. saved_at: time.time() once the model is quantized (and saved), before evaluation.
 quant_seconds: wall time of oneshot(); quant_cpu_seconds: this process's CPU time (all threads)
 over the same call, which a shared or paused machine does not inflate.
 """
@@ -97,6 +98,7 @@ def main():
     p.add_argument("--w-bit", type=int, choices=[3, 4], default=4)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--max-eval-windows", type=int, default=0, help="evaluate only the first N windows (0: all)")
+    p.add_argument("--save", help="save the compressed checkpoint here before evaluating")
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
@@ -138,6 +140,9 @@ def main():
         assert quantized and not any("lm_head" in name for name in quantized), quantized
         n_quantized = len(quantized)
 
+    if args.save:
+        model.save_pretrained(args.save, save_compressed=True)
+    saved_at = time.time()
     rss_quant = peak_rss_mib()
     windows = load_windows(args.eval_windows)
     if args.max_eval_windows:
@@ -152,6 +157,7 @@ def main():
         "quant_seconds": round(quant_seconds, 3),
         "quant_cpu_seconds": round(quant_cpu_seconds, 3),
         "peak_rss_mib": rss_quant,
+        "saved_at": saved_at,
         "peak_rss_mib_total": peak_rss_mib(),
         "torch_threads": torch.get_num_threads(),
         "version": llmcompressor.__version__,

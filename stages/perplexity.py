@@ -24,27 +24,41 @@ def _log_probs(model, batch: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
 
 
-def perplexity(model, windows: torch.Tensor, batch_size: int = 4, reference=None) -> dict:
-    """{ppl, nll, tokens, windows}, plus kl: the mean KL(P_reference || P_model) over the same
-    predicted tokens when a reference model (the FP one) is given."""
-    device = next(model.parameters()).device
-    nll, kl, count = 0.0, 0.0, 0
+def perplexities(models: dict, windows: torch.Tensor, reference: str | None = None, batch_size: int = 4) -> dict:
+    """{label: {ppl, nll, tokens, windows}} for every model, on the same windows; with `reference` (the
+    label of the FP model among them), every other model also gets kl: the mean KL(P_reference ||
+    P_model) over the predicted tokens. The reference runs once per batch, however many models."""
+    nll = dict.fromkeys(models, 0.0)
+    kl = dict.fromkeys(models, 0.0)
+    count = 0
     with torch.no_grad():
         for batch in windows.split(batch_size):
-            batch = batch.to(device)
-            log_p = _log_probs(model, batch)
-            nll += float(F.nll_loss(log_p, batch[:, 1:].reshape(-1), reduction="sum"))
-            if reference is not None:
-                log_ref = _log_probs(reference, batch)
-                kl += float(F.kl_div(log_p, log_ref, log_target=True, reduction="sum"))
-            count += batch[:, 1:].numel()
-    mean = nll / count
-    result = {
-        "ppl": math.exp(mean) if mean < MAX_NLL else math.inf,
-        "nll": mean,
-        "tokens": count,
-        "windows": int(windows.shape[0]),
-    }
-    if reference is not None:
-        result["kl"] = kl / count
-    return result
+            target = batch[:, 1:].reshape(-1)
+            log_ref = None
+            for label in sorted(models, key=lambda k: k != reference):  # the reference first
+                model = models[label]
+                log_p = _log_probs(model, batch.to(next(model.parameters()).device))
+                nll[label] += float(F.nll_loss(log_p, target.to(log_p.device), reduction="sum"))
+                if label == reference:
+                    log_ref = log_p
+                elif log_ref is not None:
+                    kl[label] += float(F.kl_div(log_p, log_ref.to(log_p.device), log_target=True, reduction="sum"))
+            count += target.numel()
+    results = {}
+    for label in models:
+        mean = nll[label] / count
+        results[label] = {
+            "ppl": math.exp(mean) if mean < MAX_NLL else math.inf,
+            "nll": mean,
+            "tokens": count,
+            "windows": int(windows.shape[0]),
+        }
+        if reference is not None and label != reference:
+            results[label]["kl"] = kl[label] / count
+    return results
+
+
+def perplexity(model, windows: torch.Tensor, batch_size: int = 4, reference=None) -> dict:
+    """perplexities of one model, with kl to the `reference` model when given."""
+    models = {"model": model} if reference is None else {"model": model, "reference": reference}
+    return perplexities(models, windows, "reference" if reference is not None else None, batch_size)["model"]
