@@ -38,6 +38,12 @@ class Options(BaseModel):
         description="scale search: every k-th alpha first, then every alpha between the best one's "
         "neighbours (1: the whole grid)",
     )
+    grid_tokens: int = Field(
+        32768,
+        ge=0,
+        description="scale search: measure each candidate's loss on at most this many calibration tokens "
+        "(evenly spaced windows; 0: all)",
+    )
     gptq_damp: float = Field(
         0.01, gt=0, le=1, description="gptq, awq-gptq: damping added to the Hessian's diagonal, times its mean"
     )

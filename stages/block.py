@@ -15,7 +15,7 @@ from awqflow.stages.scales import SearchConfig, apply_scales, block_groups, sear
 from awqflow.storage.gemm import pack_gemm
 
 STATS_SAMPLES = 16  # windows the block's RTN / AWQ output errors are measured on
-AWQ_OPTIONS = ("n_grid", "grid_stride", "duo_scaling", "clip")  # the Options fields awq_search reads
+AWQ_OPTIONS = ("n_grid", "grid_stride", "grid_tokens", "duo_scaling", "clip")  # the Options fields awq_search reads
 
 
 def input_sources(block: nn.Module, groups: list[ScaleGroup]) -> dict[str, str]:
@@ -75,7 +75,9 @@ def output_mse(block: nn.Module, arch: Architecture, hidden, kwargs, qcfg: Quant
 
 def awq_search(block: nn.Module, arch: Architecture, inputs, opts) -> dict:
     """search_block with the scale and clip search a run's options ask for (the AWQ-based methods)."""
-    scfg = SearchConfig(n_grid=opts.n_grid, duo_scaling=opts.duo_scaling, grid_stride=opts.grid_stride)
+    scfg = SearchConfig(
+        n_grid=opts.n_grid, duo_scaling=opts.duo_scaling, grid_stride=opts.grid_stride, grid_tokens=opts.grid_tokens
+    )
     return search_block(block, arch, inputs.hidden, inputs.kwargs, opts.quant, scfg, opts.clip)
 
 

@@ -8,7 +8,9 @@ rather than a Python loop of small kernels.
 Coarse to fine: the identity (s = 1, i.e. RTN) and every grid_stride-th alpha first, then every alpha
 between the best coarse one's neighbours. The loss is smooth enough in alpha for this to find the full
 grid's alpha in 35 of 36 groups (bundled model and SmolLM2-135M, 12 of 21 candidates at stride 4; the
-one miss cost 0.8 % of that group's loss).
+one miss cost 0.8 % of that group's loss). The grid's loss is measured on at most grid_tokens tokens
+(evenly spaced whole windows; the scales' statistics use all): on half the 128 windows the choice
+was the same in 27 of 30 groups, the misses costing at most 0.65 % of the loss on all windows.
 """
 
 import re
@@ -30,6 +32,7 @@ class SearchConfig:
     n_grid: int = 20
     duo_scaling: bool = True
     grid_stride: int = 4  # 1: every alpha of the grid
+    grid_tokens: int = 32768  # the grid's loss is measured on at most this many tokens; 0: all
     # bytes one step of the grid may hold (weights + activations). Small on purpose: glibc serves
     # allocations over 32 MiB with fresh mmaps, and on a CPU the page faults of GiB-sized steps cost
     # more system time than the larger matmuls save (block 0 of the bundled model: 29.6 s at 2 GiB,
@@ -194,6 +197,15 @@ def gram_losses(
     return torch.cat(losses) / (xt.shape[0] * w.shape[0])
 
 
+def grid_sample(x: torch.Tensor, max_tokens: int) -> torch.Tensor:
+    """Every k-th window of x (n, seqlen, in), or row of x (tokens, in), k the smallest step that keeps
+    at most max_tokens tokens; all of x when max_tokens is 0."""
+    per_row = x.shape[1] if x.dim() == 3 else 1
+    if not max_tokens or x.shape[0] * per_row <= max_tokens:
+        return x
+    return x[:: -(-x.shape[0] * per_row // max_tokens)]
+
+
 def fake_quantize_stack(w: torch.Tensor, s: torch.Tensor, qcfg: QuantConfig) -> torch.Tensor:
     """For each candidate row of s (c, in): Q(w * s) / s, stacked (c, out, in)."""
     scaled = w[None] * s[:, None, :]
@@ -214,6 +226,7 @@ def search_scales(
     weights = [block.get_submodule(n).weight for n in group.linears]
     alphas, cands = candidate_scales(x, weights, qcfg, scfg)
     losses = torch.full((len(cands),), torch.inf, dtype=torch.float64, device=cands.device)
+    xs = grid_sample(x, scfg.grid_tokens)
 
     def evaluate(indices: list[int]) -> None:
         todo = [i for i in indices if 0 <= i < len(cands) and losses[i] == torch.inf]
@@ -223,7 +236,7 @@ def search_scales(
                 group.inspect,
                 list(group.linears),
                 cands[todo],
-                x,
+                xs,
                 qcfg,
                 scfg,
                 kwargs if group.inspect_takes_kwargs else None,

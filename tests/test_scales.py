@@ -14,6 +14,7 @@ from awqflow.stages.scales import (
     apply_scales,
     candidate_scales,
     grid_losses,
+    grid_sample,
     group_applies,
     search_scales,
 )
@@ -187,3 +188,13 @@ def test_coarse_to_fine_search_picks_the_best_of_the_coarse_grid_and_the_bracket
         assert info["alpha"] == alphas[expected]
         assert info["loss"] == pytest.approx(float(full[expected]), rel=1e-5)
         assert info["loss"] <= info["loss_identity"]
+
+
+def test_grid_sample_keeps_evenly_spaced_whole_windows_within_the_token_cap():
+    x = torch.arange(10 * 4 * 2, dtype=torch.float32).view(10, 4, 2)  # 10 windows of 4 tokens
+    assert grid_sample(x, 0) is x and grid_sample(x, 40) is x
+    few = grid_sample(x, 20)  # step 2: windows 0, 2, 4, 6, 8
+    assert torch.equal(few, x[[0, 2, 4, 6, 8]])
+    assert grid_sample(x, 13).shape[0] * 4 <= 13 + 4 and torch.equal(grid_sample(x, 13)[1], x[4])
+    rows = torch.arange(9.0).view(9, 1)  # routed tokens: rows
+    assert torch.equal(grid_sample(rows, 3), rows[[0, 3, 6]])
