@@ -73,7 +73,7 @@ def output_mse(block: nn.Module, arch: Architecture, hidden, kwargs, qcfg: Quant
         return float((run_block(block, hidden, kwargs) - ref).float().pow(2).mean())
 
 
-def awq_search(block: nn.Module, arch: Architecture, inputs, opts) -> dict:
+def awq_search(block: nn.Module, arch: Architecture, inputs, opts) -> tuple[dict, torch.Tensor]:
     """search_block with the scale and clip search a run's options ask for (the AWQ-based methods)."""
     scfg = SearchConfig(
         n_grid=opts.n_grid, duo_scaling=opts.duo_scaling, grid_stride=opts.grid_stride, grid_tokens=opts.grid_tokens
@@ -90,11 +90,11 @@ def search_block(
     qcfg: QuantConfig,
     scfg: SearchConfig = SearchConfig(),
     clip: bool = True,
-) -> dict:
+) -> tuple[dict, torch.Tensor]:
     """AWQ on one FP block, in place: searches all scales on the FP block first, then fuses them, then
-    clips (on the scaled inputs), as AutoAWQ does. Returns the search statistics per group and the
+    clips (on the scaled inputs), as AutoAWQ does. Returns (the search statistics per group and the
     block's output error (MSE against the FP block, on the first STATS_SAMPLES windows) quantized plainly
-    (RTN) and after AWQ."""
+    (RTN) and after AWQ; the FP block's output on all of hidden)."""
     inputs, fp_out = collect_linear_inputs(block, arch, hidden, kwargs)
     # the RTN-vs-AWQ statistics only describe the result: a subsample of the windows is enough
     few, few_out = hidden[:STATS_SAMPLES], fp_out[:STATS_SAMPLES]
@@ -117,7 +117,7 @@ def search_block(
             if name not in arch.no_clip and name not in arch.unquantized and key in inputs:
                 apply_clip(lin.weight, search_clip(lin.weight, inputs[key], qcfg))
     awq_mse = output_mse(block, arch, few, kwargs, qcfg, few_out)
-    return {"groups": stats, "output_mse_rtn": rtn_mse, "output_mse_awq": awq_mse}
+    return {"groups": stats, "output_mse_rtn": rtn_mse, "output_mse_awq": awq_mse}, fp_out
 
 
 @torch.no_grad()

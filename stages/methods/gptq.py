@@ -58,7 +58,7 @@ def gptq_block(block, arch, inputs, opts):
 
 
 def awq_gptq_block(block, arch, inputs, opts):
-    stats = awq_search(block, arch, inputs, opts)
+    stats, _ = awq_search(block, arch, inputs, opts)
     return gptq_linears(block, arch, inputs, opts), stats
 
 
