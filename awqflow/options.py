@@ -29,17 +29,17 @@ class Options(BaseModel):
     n_samples: int = Field(128, ge=1, description="calibration windows")
     seqlen: int = Field(512, ge=2, description="tokens per calibration window")
     seed: int = Field(0, description="shuffles the calibration documents")
-    clip: bool = Field(True, description="AWQ clip search after the scale search")
+    clip: bool = Field(True, description="awq, awq-round: AWQ clip search after the scale search")
     duo_scaling: bool = Field(True, description="s = x_mean^a / w_mean^(1-a); off: s = x_mean^a")
     n_grid: int = Field(20, ge=1, description="alpha grid points of the scale search")
     grid_stride: int = Field(
         4,
         ge=1,
-        description="scale search: every k-th alpha first, then every alpha between the best one's "
-        "neighbours (1: the whole grid)",
+        description="scale search: every k-th alpha first, then the bracket around the best one bisected "
+        "(1: the whole grid)",
     )
     grid_tokens: int = Field(
-        32768,
+        8192,
         ge=0,
         description="scale search: measure each candidate's loss on at most this many calibration tokens "
         "(evenly spaced windows; 0: all)",
@@ -48,6 +48,11 @@ class Options(BaseModel):
         0.01, gt=0, le=1, description="gptq, awq-gptq: damping added to the Hessian's diagonal, times its mean"
     )
     gptq_block_size: int = Field(128, ge=1, description="gptq, awq-gptq: columns per lazy error update")
+    gptq_actorder: bool = Field(
+        True,
+        description="gptq, awq-gptq: columns by descending input energy, groups fixed beforehand "
+        "(static order: the checkpoint layout is unchanged)",
+    )
     round_steps: int = Field(200, ge=0, description="awq-round, round: signed-gradient steps per block")
     round_lr: float | None = Field(None, gt=0, description="awq-round, round: learning rate (default 1 / steps)")
     round_batch_size: int = Field(8, ge=1, description="awq-round, round: calibration windows per step")

@@ -201,6 +201,7 @@ def main():
         export_error = f"{type(e).__name__}: {e}"
         log(f"export to {fmt} failed: {export_error}")
     export_seconds = time.perf_counter() - t
+    saved_at = time.time()
     del ar, qmodel, model
 
     decode_check = None
@@ -234,6 +235,7 @@ def main():
         "quant_seconds": round(quant_seconds, 3),
         "quant_cpu_seconds": round(quant_cpu_seconds, 3),
         "export_seconds": round(export_seconds, 3),
+        "saved_at": saved_at,
         "peak_rss_mib": rss_quant,
         "peak_rss_mib_total": peak_rss_mib(),
         "torch_threads": torch.get_num_threads(),

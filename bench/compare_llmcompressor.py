@@ -1,12 +1,14 @@
-"""Whole `awqflow quantize` against whole llm-compressor AWQ / GPTQ processes, in one run.
+"""Whole `awqflow quantize` against whole llm-compressor AWQ / GPTQ and AutoRound processes, in one run.
 
 Every method gets the same model, the same calibration windows and the same evaluation windows.
 awqflow runs as its CLI in a subprocess (ephemeral Prefect, no evaluation); llm-compressor runs
 bench/llmcompressor_worker.py in its own venv (bench/setup_llmcompressor_env.sh), which loads the
-model, runs oneshot() and saves the compressed checkpoint before it evaluates. For each method:
+model, runs oneshot() and saves the compressed checkpoint before it evaluates; AutoRound
+(`--methods ...,autoround`) runs bench/autoround_worker.py in its venv (bench/setup_autoround_env.sh),
+default recipe, AutoAWQ export (w4). For each method:
 
 - seconds: wall time from starting the process until its quantized checkpoint is on disk (ours: the
-  whole CLI process; theirs: spawn until the worker's save returns, its evaluation left out);
+  whole CLI process; theirs: spawn until the worker's save / export returns, its evaluation left out);
 - ratio: seconds / llm-compressor AWQ's seconds in the same run;
 - peak RSS of the quantizing process (ours: ru_maxrss from wait4; theirs: ru_maxrss before it
   evaluates);
@@ -21,7 +23,8 @@ bench/results/compare-<name>.json and prints a markdown table.
     nice .venv/bin/python bench/compare_llmcompressor.py --name smollm2-135m \\
         --model ~/.cache/awqflow/models/smollm2-135m-instruct --group-size 64 --n-samples 32 \\
         --max-eval-windows 40                                                    # bench/real_model.py
-    ... --ours "--grid-stride 1"        # an extra awqflow row with other CLI options
+    ... --ours "--grid-stride 1" --ours "--method awq-gptq"   # extra awqflow rows with other CLI options
+    ... --methods awqflow,llmc-awq,llmc-gptq,autoround          # AutoRound beside them
 """
 
 import argparse
@@ -49,8 +52,9 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, BENCH)
 from anchor_eval import evaluate, load_fp_model  # noqa: E402
+from run_anchors import ENVS  # noqa: E402
+from run_anchors import METHODS as ANCHORS  # noqa: E402
 
-LLMC_PY = os.path.join(ROOT, ".bench-envs", "llmcompressor", "bin", "python")
 AWQFLOW = os.path.join(os.path.dirname(sys.executable), "awqflow")
 
 
@@ -82,12 +86,13 @@ def ours(a, tmp, label, extra, windows, reference):
 
 
 def theirs(a, tmp, method, calib_pt, eval_pt):
-    out = os.path.join(tmp, f"llmc-{method}")
-    cmd = [LLMC_PY, os.path.join(BENCH, "llmcompressor_worker.py"), "--model", a.model]
-    cmd += ["--calib-windows", calib_pt, "--eval-windows", eval_pt, "--method", method, "--w-bit", str(a.w_bit)]
+    env, worker, _, extra = ANCHORS[method]
+    out = os.path.join(tmp, method)
+    cmd = [os.path.join(ENVS, env, "bin", "python"), os.path.join(BENCH, worker), "--model", a.model, *extra]
+    cmd += ["--calib-windows", calib_pt, "--eval-windows", eval_pt, "--w-bit", str(a.w_bit)]
     cmd += ["--group-size", str(a.group_size), "--max-eval-windows", str(a.max_eval_windows)]
-    cmd += ["--save", out, "--out", f"{out}.json"]
-    log(f"llmc-{method}: {shlex.join(cmd)}")
+    cmd += ["--export-dir" if method == "autoround" else "--save", out, "--out", f"{out}.json"]
+    log(f"{method}: {shlex.join(cmd)}")
     start = time.time()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=open(f"{out}.log", "w"))
     with open(f"{out}.json") as f:
@@ -117,7 +122,9 @@ def main():
     ap.add_argument("--methods", default="awqflow,llmc-awq,llmc-gptq")
     a = ap.parse_args()
     a.model = os.path.abspath(os.path.expanduser(a.model))
-    subprocess.run(["bash", os.path.join(BENCH, "setup_llmcompressor_env.sh")], check=True, stdout=subprocess.DEVNULL)
+    methods = a.methods.split(",")
+    for setup in sorted({ANCHORS[m][2] for m in methods if m in ANCHORS}):
+        subprocess.run(["bash", os.path.join(BENCH, setup)], check=True, stdout=subprocess.DEVNULL)
 
     tmp = tempfile.mkdtemp(prefix=f"awqflow-compare-{a.name}-")
     tok = AutoTokenizer.from_pretrained(a.model)
@@ -132,16 +139,15 @@ def main():
     reference = load_fp_model(a.model)
 
     rows = {}
-    methods = a.methods.split(",")
     for method in methods:
         if method == "awqflow":
             for extra in ["", *a.ours]:
-                label = "awqflow awq" + (f" {extra}" if extra else "")
-                rows[label] = ours(a, tmp, label.replace(" ", "_"), extra, windows, reference)
+                label = f"awqflow {extra}" if extra else "awqflow awq"
+                rows[label] = ours(a, tmp, label.replace(" ", "_").replace("-", ""), extra, windows, reference)
                 if rows[label]["calibration_fingerprint"] != tensor_fingerprint(calib):
                     raise SystemExit(f"{label} calibrated on other windows than llm-compressor gets")
         else:
-            rows[method] = theirs(a, tmp, method.removeprefix("llmc-"), calib_pt, eval_pt)
+            rows[method] = theirs(a, tmp, method, calib_pt, eval_pt)
         log(f"{list(rows)[-1]}: {json.dumps(rows[list(rows)[-1]])}")
 
     base = rows.get("llmc-awq", {}).get("seconds")

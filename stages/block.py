@@ -15,7 +15,8 @@ from awqflow.stages.scales import SearchConfig, apply_scales, block_groups, sear
 from awqflow.storage.gemm import pack_gemm
 
 STATS_SAMPLES = 16  # windows the block's RTN / AWQ output errors are measured on
-AWQ_OPTIONS = ("n_grid", "grid_stride", "grid_tokens", "duo_scaling", "clip")  # the Options fields awq_search reads
+SCALE_OPTIONS = ("n_grid", "grid_stride", "grid_tokens", "duo_scaling")  # the Options fields awq_search reads
+AWQ_OPTIONS = (*SCALE_OPTIONS, "clip")
 
 
 def input_sources(block: nn.Module, groups: list[ScaleGroup]) -> dict[str, str]:
@@ -73,12 +74,16 @@ def output_mse(block: nn.Module, arch: Architecture, hidden, kwargs, qcfg: Quant
         return float((run_block(block, hidden, kwargs) - ref).float().pow(2).mean())
 
 
-def awq_search(block: nn.Module, arch: Architecture, inputs, opts) -> tuple[dict, torch.Tensor]:
-    """search_block with the scale and clip search a run's options ask for (the AWQ-based methods)."""
+def awq_search(
+    block: nn.Module, arch: Architecture, inputs, opts, clip: bool | None = None
+) -> tuple[dict, torch.Tensor]:
+    """search_block with the scale search a run's options ask for, and the clip search unless clip
+    (default: the options' clip) says otherwise (the AWQ-based methods)."""
     scfg = SearchConfig(
         n_grid=opts.n_grid, duo_scaling=opts.duo_scaling, grid_stride=opts.grid_stride, grid_tokens=opts.grid_tokens
     )
-    return search_block(block, arch, inputs.hidden, inputs.kwargs, opts.quant, scfg, opts.clip)
+    clip = opts.clip if clip is None else clip
+    return search_block(block, arch, inputs.hidden, inputs.kwargs, opts.quant, scfg, clip)
 
 
 @torch.no_grad()

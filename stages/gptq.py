@@ -2,9 +2,13 @@
 column's rounding error over the columns not yet quantized so that X W^T changes as little as
 possible on the calibration inputs X (Frantar et al., 2022).
 
-Output is exactly what quantize_codes returns (codes, fp16-rounded scales, integer zeros; static
-groups in natural column order, no activation reordering), so the GEMM packing and fake-quant paths
-take it unchanged. With AWQ first, feed the Hessian of the inputs as the scaled linear sees them.
+Output is exactly what quantize_codes returns (codes, fp16-rounded scales, integer zeros; groups of
+consecutive columns), so the GEMM packing and fake-quant paths take it unchanged. With actorder the
+columns are visited by descending diag(H) (the inputs with the most energy first, while the most
+columns are left to absorb their error), but each column keeps its natural group, whose range is
+fixed from the weights before GPTQ: "static" activation ordering, which needs no g_idx, so the
+checkpoint stays in the AutoAWQ GEMM layout. With AWQ first, feed the Hessian of the inputs as the
+scaled linear sees them.
 """
 
 import logging
@@ -67,13 +71,21 @@ def _inverse_hessian_factor(h: torch.Tensor, damp: float, name: str) -> torch.Te
 
 
 def gptq_codes(
-    w: torch.Tensor, h: torch.Tensor, qcfg: QuantConfig, block_size: int = 128, damp: float = 0.01, name: str = ""
+    w: torch.Tensor,
+    h: torch.Tensor,
+    qcfg: QuantConfig,
+    block_size: int = 128,
+    damp: float = 0.01,
+    name: str = "",
+    actorder: bool = False,
 ):
     """w (out, in), H (in, in) -> codes, scales, zeros with quantize_codes' types and conventions.
 
-    Each group's (scale, zero) comes from quantize_codes' formulas applied to the group's weights as
-    they stand when GPTQ reaches its first column (i.e. after the error of earlier columns was
-    folded in), as the reference GPTQ and llm-compressor (actorder=None) do.
+    Without actorder each group's (scale, zero) comes from quantize_codes' formulas applied to the
+    group's weights as they stand when GPTQ reaches its first column (i.e. after the error of earlier
+    columns was folded in), as the reference GPTQ does. With actorder every group's range is taken from
+    the weights before GPTQ (static groups, as the reference's static_groups and llm-compressor's
+    actorder="static" do), and the columns are visited by descending diag(H).
     """
     out_f, in_f = w.shape
     g = qcfg.group_len(in_f)
@@ -96,12 +108,19 @@ def gptq_codes(
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    if actorder:
+        _, scales, zeros = quantize_codes(W, qcfg)
+        order = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W, H = W[:, order], H[order][:, order]
+    else:
+        order = torch.arange(in_f, device=W.device)
+        scales = torch.empty(out_f, in_f // g, dtype=torch.float32, device=W.device)
+        zeros = torch.empty(out_f, in_f // g, dtype=torch.int32, device=W.device)
+    columns = order.tolist()
     U = _inverse_hessian_factor(H, damp, name).to(torch.float32)
     del H
 
     codes = torch.empty(out_f, in_f, dtype=torch.int32, device=W.device)
-    scales = torch.empty(out_f, in_f // g, dtype=torch.float32, device=W.device)
-    zeros = torch.empty(out_f, in_f // g, dtype=torch.int32, device=W.device)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         W1 = W[:, i1:i2].clone()  # this block, kept exactly up to date column by column
@@ -109,7 +128,9 @@ def gptq_codes(
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if col % g == 0:
+            if actorder:
+                s, zf = scales[:, columns[col] // g], zeros[:, columns[col] // g].float()
+            elif col % g == 0:
                 # New group: its range is taken from its weights as updated so far. Columns past this
                 # block have not yet received this block's (lazy) update: apply it to a copy here.
                 end = col + g
@@ -121,7 +142,7 @@ def gptq_codes(
                 s, zf = s[:, 0], z[:, 0].float()
             # same rounding as quantize_codes, against this group's stored (fp16-exact) scale
             q = (torch.round(W1[:, i] / s) + zf).clamp(0, qmax)
-            codes[:, col] = q.to(torch.int32)
+            codes[:, columns[col]] = q.to(torch.int32)
             err = (W1[:, i] - (q - zf) * s) / U1[i, i]
             W1[:, i + 1 :] -= err[:, None] * U1[i, i + 1 :][None, :]  # compensate within the block
             Err1[:, i] = err

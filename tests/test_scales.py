@@ -163,9 +163,10 @@ def test_checkpoint_tensors_are_packed_for_4_bit_and_dense_for_3_bit():
     assert w.view(128, 4, 64)[0, 0].unique().numel() <= 8
 
 
-def test_coarse_to_fine_search_picks_the_best_of_the_coarse_grid_and_the_bracket_around_it():
-    """grid_stride=k: the identity and every k-th alpha, then every alpha between the best coarse
-    alpha's neighbours; the chosen alpha is the best of those, with the loss the full grid gives it."""
+def test_coarse_to_fine_search_bisects_the_bracket_around_the_best_alpha():
+    """grid_stride=4: the identity and every 4th alpha, then the alphas 2 away from the best so far,
+    then 1 away from the best after that; the chosen alpha is the best of those, with the loss the full
+    grid gives it."""
     block, kwargs = make_block(2, torch.float32)
     x = calib_inputs(dtype=torch.float32)
     qcfg = QuantConfig(3, 64)
@@ -180,10 +181,12 @@ def test_coarse_to_fine_search_picks_the_best_of_the_coarse_grid_and_the_bracket
         kw = kwargs if g.inspect_takes_kwargs else None
         full = grid_losses(block, g.inspect, list(g.linears), cands, args[2], qcfg, SearchConfig(), kw).double()
         assert info_full["loss"] == pytest.approx(float(full.min()), rel=1e-5)
-        coarse = [0, *range(1, 21, 4)]
-        best_coarse = min(coarse[1:], key=lambda i: full[i])
-        seen = set(coarse) | set(range(best_coarse - 3, min(21, best_coarse + 4)))
+        seen = {0, *range(1, 21, 4)}
+        for step in (2, 1):
+            best = min(seen - {0}, key=lambda i: full[i])
+            seen |= {i for i in (best - step, best + step) if 1 <= i <= 20}
         expected = min(seen, key=lambda i: full[i])
+        assert len(seen) <= 10
         _, info = search_scales(*args, SearchConfig(n_grid=20, grid_stride=4), kwargs)
         assert info["alpha"] == alphas[expected]
         assert info["loss"] == pytest.approx(float(full[expected]), rel=1e-5)

@@ -1,11 +1,11 @@
 """GPTQ, alone or after AWQ (issue 16): every quantized linear rounded by GPTQ against the Hessian of
-its own inputs on the calibration windows. After AWQ's scale search and clipping, the Hessian is taken
-on the scaled block, i.e. of the inputs as each scaled linear sees them (X / s)."""
+its own inputs on the calibration windows. After AWQ's scale search (without its clipping), the Hessian
+is taken on the scaled block, i.e. of the inputs as each scaled linear sees them (X / s)."""
 
 import torch
 from torch import nn
 
-from awqflow.stages.block import AWQ_OPTIONS, awq_search
+from awqflow.stages.block import SCALE_OPTIONS, awq_search
 from awqflow.stages.gptq import add_to_hessian, gptq_codes
 from awqflow.stages.method import Method, quantized_linears
 from awqflow.stages.methods.awq import scale_table
@@ -47,7 +47,9 @@ def gptq_linears(block, arch, inputs, opts) -> dict:
     for name, lin in linears.items():
         if name in hessians:
             w = lin.weight.data.float()
-            codes[name] = gptq_codes(w, hessians[name], opts.quant, opts.gptq_block_size, opts.gptq_damp, name)
+            codes[name] = gptq_codes(
+                w, hessians[name], opts.quant, opts.gptq_block_size, opts.gptq_damp, name, opts.gptq_actorder
+            )
         else:
             codes[name] = quantize_codes(lin.weight.data, opts.quant)
     return codes
@@ -58,15 +60,18 @@ def gptq_block(block, arch, inputs, opts):
 
 
 def awq_gptq_block(block, arch, inputs, opts):
-    stats, _ = awq_search(block, arch, inputs, opts)
+    # AWQ's clipping is left out: it clamps weights before GPTQ can weigh the clamp's error (bundled
+    # model, w4 g128: ppl / KL 50.605 / 0.00119 with it, 50.571 / 0.00089 without)
+    stats, _ = awq_search(block, arch, inputs, opts, clip=False)
     return gptq_linears(block, arch, inputs, opts), stats
 
 
-GPTQ = Method("gptq", gptq_block, needs_inputs=True, options=("gptq_damp", "gptq_block_size"))
+GPTQ_OPTIONS = ("gptq_damp", "gptq_block_size", "gptq_actorder")
+GPTQ = Method("gptq", gptq_block, needs_inputs=True, options=GPTQ_OPTIONS)
 AWQ_GPTQ = Method(
     "awq-gptq",
     awq_gptq_block,
     needs_inputs=True,
-    options=(*AWQ_OPTIONS, "gptq_damp", "gptq_block_size"),
+    options=(*SCALE_OPTIONS, *GPTQ_OPTIONS),
     table=scale_table,
 )
