@@ -9,6 +9,7 @@ default recipe, AutoAWQ export (w4). For each method:
 
 - seconds: wall time from starting the process until its quantized checkpoint is on disk (ours: the
   whole CLI process; theirs: spawn until the worker's save / export returns, its evaluation left out);
+- block stage (ours): the "blocks" row of the run report's time per stage;
 - ratio: seconds / llm-compressor AWQ's seconds in the same run;
 - peak RSS of the quantizing process (ours: ru_maxrss from wait4; theirs: ru_maxrss before it
   evaluates);
@@ -31,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -69,15 +71,18 @@ def ours(a, tmp, label, extra, windows, reference):
     cmd += ["--group-size", str(a.group_size), *shlex.split(extra)]
     log(f"{label}: {shlex.join(cmd)}")
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(f"{out}.log", "w"))
+    proc = subprocess.Popen(cmd, stdout=open(f"{out}.report", "w"), stderr=open(f"{out}.log", "w"))
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     if status:
         raise SystemExit(f"{label} failed ({status}); see {out}.log")
+    with open(f"{out}.report") as f:  # the run report's "Time per stage" table
+        stages = dict(re.findall(r"^\| (\w+) \| ([0-9.]+) \|$", f.read(), re.M))
     with open(os.path.join(out, "config.json")) as f:
         found = json.load(f)["awqflow"]["calibration_fingerprint"]
     return {
         "seconds": round(seconds, 1),
+        "block_seconds": float(stages["blocks"]),
         "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
         "peak_rss_mib": round(usage.ru_maxrss / 1024),
         "calibration_fingerprint": found,
@@ -156,10 +161,15 @@ def main():
         f"{windows.shape[0]} eval windows x {a.seqlen}; FP ppl {next(iter(rows.values()))['fp_ppl']:.3f}; "
         f"{os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}"
     )
-    print("| method | seconds | vs llm-compressor AWQ | peak RSS MiB | ppl | mean KL |\n|---|---|---|---|---|---|")
+    print("| method | seconds | vs llm-compressor AWQ | block stage s | peak RSS MiB | ppl | mean KL |")
+    print("|---|---|---|---|---|---|---|")
     for label, r in rows.items():
         ratio = f"{r['seconds'] / base:.2f}x" if base else "-"
-        print(f"| {label} | {r['seconds']:.0f} | {ratio} | {r['peak_rss_mib']} | {r['ppl']:.3f} | {r['kl_mean']:.5f} |")
+        blocks = f"{r['block_seconds']:.0f}" if "block_seconds" in r else "-"
+        print(
+            f"| {label} | {r['seconds']:.0f} | {ratio} | {blocks} | {r['peak_rss_mib']} | {r['ppl']:.3f} "
+            f"| {r['kl_mean']:.5f} |"
+        )
     os.makedirs(os.path.join(BENCH, "results"), exist_ok=True)
     with open(os.path.join(BENCH, "results", f"compare-{a.name}.json"), "w") as f:
         json.dump(

@@ -2,6 +2,7 @@
 Touches nothing outside the block."""
 
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -17,6 +18,12 @@ from awqflow.storage.gemm import pack_gemm
 STATS_SAMPLES = 16  # windows the block's RTN / AWQ output errors are measured on
 SCALE_OPTIONS = ("n_grid", "grid_stride", "grid_tokens", "duo_scaling")  # the Options fields awq_search reads
 AWQ_OPTIONS = (*SCALE_OPTIONS, "clip")
+
+
+class BlockSearch(NamedTuple):
+    stats: dict  # per scale group, and the block's RTN / AWQ output errors
+    fp_out: torch.Tensor  # the FP block's output on all the windows (scaling keeps it)
+    inputs: dict[str, torch.Tensor]  # linear inputs as the scaled linears see them, keyed as input_sources says
 
 
 def input_sources(block: nn.Module, groups: list[ScaleGroup]) -> dict[str, str]:
@@ -55,6 +62,15 @@ def collect_linear_inputs(
     return {k: torch.cat(v) for k, v in seen.items() if v}, out
 
 
+def own_input_keys(block: nn.Module, groups: list[ScaleGroup]) -> dict[str, str]:
+    """Linear name -> the input_sources key under which exactly its own input is kept, for the linears
+    that have one: not an expert of a routing group (the kept input is every token, the expert sees
+    its share) nor a linear scaled along with a group (its kept input is not divided by s)."""
+    routed = {n for g in groups if g.routes_tokens for n in g.linears}
+    scaled_along = {n for g in groups for n in g.also_scaled}
+    return {n: key for n, (_, key) in input_sources(block, groups).items() if n not in routed | scaled_along}
+
+
 @contextmanager
 def fake_quantized(block: nn.Module, arch: Architecture, qcfg: QuantConfig):
     """The block with its quantized linears' weights replaced by Q(W) for the duration, then restored."""
@@ -74,9 +90,7 @@ def output_mse(block: nn.Module, arch: Architecture, hidden, kwargs, qcfg: Quant
         return float((run_block(block, hidden, kwargs) - ref).float().pow(2).mean())
 
 
-def awq_search(
-    block: nn.Module, arch: Architecture, inputs, opts, clip: bool | None = None
-) -> tuple[dict, torch.Tensor]:
+def awq_search(block: nn.Module, arch: Architecture, inputs, opts, clip: bool | None = None) -> BlockSearch:
     """search_block with the scale search a run's options ask for, and the clip search unless clip
     (default: the options' clip) says otherwise (the AWQ-based methods)."""
     scfg = SearchConfig(
@@ -95,11 +109,11 @@ def search_block(
     qcfg: QuantConfig,
     scfg: SearchConfig = SearchConfig(),
     clip: bool = True,
-) -> tuple[dict, torch.Tensor]:
+) -> BlockSearch:
     """AWQ on one FP block, in place: searches all scales on the FP block first, then fuses them, then
-    clips (on the scaled inputs), as AutoAWQ does. Returns (the search statistics per group and the
+    clips (on the scaled inputs), as AutoAWQ does. Returns the search statistics per group and the
     block's output error (MSE against the FP block, on the first STATS_SAMPLES windows) quantized plainly
-    (RTN) and after AWQ; the FP block's output on all of hidden)."""
+    (RTN) and after AWQ; the FP block's output on all of hidden; the linear inputs it captured, scaled."""
     inputs, fp_out = collect_linear_inputs(block, arch, hidden, kwargs)
     # the RTN-vs-AWQ statistics only describe the result: a subsample of the windows is enough
     few, few_out = hidden[:STATS_SAMPLES], fp_out[:STATS_SAMPLES]
@@ -122,7 +136,7 @@ def search_block(
             if name not in arch.no_clip and name not in arch.unquantized and key in inputs:
                 apply_clip(lin.weight, search_clip(lin.weight, inputs[key], qcfg))
     awq_mse = output_mse(block, arch, few, kwargs, qcfg, few_out)
-    return {"groups": stats, "output_mse_rtn": rtn_mse, "output_mse_awq": awq_mse}, fp_out
+    return BlockSearch({"groups": stats, "output_mse_rtn": rtn_mse, "output_mse_awq": awq_mse}, fp_out, inputs)
 
 
 @torch.no_grad()

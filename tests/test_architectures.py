@@ -13,10 +13,15 @@ from awqflow.load import load_model
 from awqflow.options import Options
 from awqflow.pipeline import cached_block, capture, plan, save
 from awqflow.stages.architectures import ARCHITECTURES, architecture_for
-from awqflow.stages.model import blocks_of
+from awqflow.stages.block import own_input_keys, search_block
+from awqflow.stages.gptq import add_to_hessian
+from awqflow.stages.method import quantized_linears
+from awqflow.stages.methods.gptq import linear_hessians
+from awqflow.stages.model import blocks_of, record_block_calls
 from awqflow.stages.moe import unfuse_experts
 from awqflow.stages.perplexity import perplexity
-from awqflow.stages.scales import apply_scales, block_groups
+from awqflow.stages.quantize import QuantConfig
+from awqflow.stages.scales import SearchConfig, apply_scales, block_groups
 from awqflow.storage.activations import ActivationStore
 from awqflow.storage.checkpoint import CheckpointReader
 from awqflow.storage.fingerprint import tensor_fingerprint
@@ -106,6 +111,35 @@ def test_random_scales_on_every_group_keep_the_model_function(model_type):
     # Gemma's norms compute in float32 even in a float64 model; a wrong offset would be off by O(1)
     tol = 1e-5 if model_type.startswith("gemma") else 1e-9
     torch.testing.assert_close(after, before, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_the_awq_searchs_inputs_give_gptq_the_hessians_a_pass_over_the_scaled_block_records(model_type):
+    """awq-gptq takes a linear's Hessian from the inputs the AWQ search captured (divided by s) instead
+    of another pass: for every linear it does so for, that must be the Hessian of what the scaled
+    linear sees; MoE experts (a share of the tokens) and linears scaled along a group are left out."""
+    arch = architecture_for(model_type)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type)).double().eval()
+    if arch.fused_experts:
+        unfuse_experts(blocks_of(model, arch), arch.fused_experts)
+        model.double()
+    randomize(model, model_type)
+    ids = torch.randint(0, VOCAB, (1, 48), generator=torch.Generator().manual_seed(1))  # a mask for one window
+    block = blocks_of(model, arch)[0]  # before the recorder takes its place in the model
+    ((hidden, kwargs),) = record_block_calls(model, arch, 1, input_ids=ids)
+    found = search_block(block, arch, hidden, kwargs, QuantConfig(4, 32), SearchConfig(n_grid=4), clip=False)
+    groups = block_groups(block, arch)
+    keys = own_input_keys(block, groups)
+    linears = quantized_linears(block, arch)
+    passed = linear_hessians(block, linears, hidden, kwargs)
+    compared = [n for n in linears if keys.get(n) in found.inputs]
+    assert len(compared) >= 4, compared
+    for name in compared:
+        h, _ = add_to_hessian(None, found.inputs[keys[name]].float(), 0)
+        torch.testing.assert_close(h, passed[name], rtol=1e-4, atol=1e-6, msg=name)
+    routed = [n for g in groups if g.routes_tokens for n in g.linears]
+    assert not set(routed) & set(keys)
+    assert bool(routed) == (model_type in ("mixtral", "qwen2_moe", "qwen3_moe"))
 
 
 @pytest.fixture(scope="module")

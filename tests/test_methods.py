@@ -2,6 +2,8 @@
 cached and resumed like AWQ, and their checkpoints decode through AutoAWQ's own decoder to exactly the
 weights the method computed."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -89,3 +91,25 @@ def test_rerun_recomputes_nothing_and_output_is_identical(method, tiny_model, tm
     assert calls == [] and set(result["stats"]) == {0, 1}
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_awq_gptq_leaves_awqs_clipping_out_and_its_cache_key_ignores_clip(tiny_model, tmp_path):
+    """GPTQ weighs a clamp's error only if the weights reach it unclamped: awq-gptq runs AWQ's scale
+    search alone, so --clip changes neither its codes nor its cache entries (it does change awq's)."""
+    m, inputs = block_with_inputs(tiny_model, tmp_path)
+    runs = {}
+    for method in ("awq", "awq-gptq"):
+        for clip in (True, False):
+            opts = Options(**SMALL, method=method, clip=clip)
+            runs[method, clip] = method_named(method).quantize_block(
+                m.block(1, "cpu", torch.float32), m.arch, inputs, opts
+            )[0]
+    same = lambda a, b: all(torch.equal(x, y) for n in a for x, y in zip(a[n], b[n]))
+    assert same(runs["awq-gptq", True], runs["awq-gptq", False])
+    assert not same(runs["awq", True], runs["awq", False])
+    plan = pipeline.plan(str(tiny_model), Options(**SMALL, method="awq-gptq"))
+    keys = {
+        clip: replace(plan, options=Options(**SMALL, method="awq-gptq", clip=clip)).block_key(0)
+        for clip in (True, False)
+    }
+    assert keys[True] == keys[False]

@@ -141,7 +141,7 @@ def test_awq_block_beats_rtn_block_on_outlier_inputs():
     qcfg = QuantConfig(4, 64)
     rtn_err = block_output_error(fp, fp, x, kwargs, qcfg)
     awq = copy.deepcopy(fp)
-    stats, _ = search_block(awq, LLAMA, x, kwargs, qcfg)
+    stats = search_block(awq, LLAMA, x, kwargs, qcfg).stats
     assert len(stats["groups"]) == 3
     awq_err = block_output_error(awq, fp, x, kwargs, qcfg)
     assert awq_err < rtn_err

@@ -8,7 +8,7 @@ from awqflow.stages.method import Method, round_linears
 
 
 def awq_block(block, arch, inputs, opts):
-    stats, _ = awq_search(block, arch, inputs, opts)
+    stats = awq_search(block, arch, inputs, opts).stats
     return round_linears(block, arch, opts.quant), stats
 
 

@@ -5,11 +5,12 @@ is taken on the scaled block, i.e. of the inputs as each scaled linear sees them
 import torch
 from torch import nn
 
-from awqflow.stages.block import SCALE_OPTIONS, awq_search
+from awqflow.stages.block import SCALE_OPTIONS, awq_search, own_input_keys
 from awqflow.stages.gptq import add_to_hessian, gptq_codes
 from awqflow.stages.method import Method, quantized_linears
 from awqflow.stages.methods.awq import scale_table
 from awqflow.stages.quantize import quantize_codes
+from awqflow.stages.scales import block_groups
 
 
 @torch.no_grad()
@@ -38,11 +39,21 @@ def linear_hessians(
     return {name: h for name, (h, _) in running.items()}
 
 
-def gptq_linears(block, arch, inputs, opts) -> dict:
+def gptq_linears(block, arch, inputs, opts, captured: dict[str, torch.Tensor] | None = None) -> dict:
     """GPTQ codes for every quantized linear of the block as its weights stand now (an expert no token
-    reached is rounded to nearest: there is no error to compensate on)."""
+    reached is rounded to nearest: there is no error to compensate on). captured: linear inputs the
+    caller already holds, keyed as block.input_sources says (the AWQ search's, scaled): a linear whose
+    own input is among them gets its Hessian from it, one per input (q/k/v share one), with no pass."""
     linears = quantized_linears(block, arch)
-    hessians = linear_hessians(block, linears, inputs.hidden, inputs.kwargs)
+    captured = captured or {}
+    keys = own_input_keys(block, block_groups(block, arch))
+    shared: dict[str, torch.Tensor] = {}
+    for key in {keys[n] for n in linears if keys.get(n) in captured}:
+        shared[key], _ = add_to_hessian(None, captured[key], 0)
+    hessians = {n: shared[keys[n]] for n in linears if keys.get(n) in shared}
+    rest = {n: lin for n, lin in linears.items() if n not in hessians}
+    if rest:
+        hessians.update(linear_hessians(block, rest, inputs.hidden, inputs.kwargs))
     codes = {}
     for name, lin in linears.items():
         if name in hessians:
@@ -62,8 +73,8 @@ def gptq_block(block, arch, inputs, opts):
 def awq_gptq_block(block, arch, inputs, opts):
     # AWQ's clipping is left out: it clamps weights before GPTQ can weigh the clamp's error (bundled
     # model, w4 g128: ppl / KL 50.605 / 0.00119 with it, 50.571 / 0.00089 without)
-    stats, _ = awq_search(block, arch, inputs, opts, clip=False)
-    return gptq_linears(block, arch, inputs, opts), stats
+    found = awq_search(block, arch, inputs, opts, clip=False)
+    return gptq_linears(block, arch, inputs, opts, found.inputs), found.stats
 
 
 GPTQ_OPTIONS = ("gptq_damp", "gptq_block_size", "gptq_actorder")

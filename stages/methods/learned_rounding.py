@@ -52,7 +52,7 @@ def tune(block, arch, inputs, opts, target: torch.Tensor) -> tuple[dict, dict]:
 
 
 def awq_round_block(block, arch, inputs, opts):
-    stats, target = awq_search(block, arch, inputs, opts)  # target: the FP block's output (scaling keeps it)
+    stats, target, _ = awq_search(block, arch, inputs, opts)  # target: the FP block's output
     codes, stats["round"] = tune(block, arch, inputs, opts, target)
     return codes, stats
 
