@@ -15,7 +15,7 @@ from awqflow.stages.quantize import QuantConfig, dequantize_codes, fake_quantize
 from awqflow.stages.scales import SearchConfig, apply_scales, block_groups, search_scales
 from awqflow.storage.gemm import pack_gemm
 
-STATS_SAMPLES = 16  # windows the block's RTN / AWQ output errors are measured on
+STATS_SAMPLES = 8  # windows the block's RTN / AWQ output errors are measured on
 SCALE_OPTIONS = ("n_grid", "grid_stride", "grid_tokens", "duo_scaling")  # the Options fields awq_search reads
 AWQ_OPTIONS = (*SCALE_OPTIONS, "clip")
 

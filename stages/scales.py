@@ -149,7 +149,8 @@ def grid_losses(
     ref: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean squared error of root's submodule `inspect`'s output, per candidate, with W -> Q(W * s) / s in
-    every named linear; ref: that module's FP output on x (float32), when the caller has it already.
+    every named linear. ref, when the caller has it already: that module's FP output on x (float32), or
+    where the module is the one linear, the Gram matrix of x (gram_matrix).
 
     Candidates go in chunks whose quantized weights and activations fit the memory budget; each
     chunk's weights are quantized once and reused for every batch of samples. batched=False takes
@@ -157,7 +158,7 @@ def grid_losses(
     batch, so candidates cannot ride along the batch dimension)."""
     lins = [root.get_submodule(n) for n in linears]
     if linears == [inspect] and batched:
-        return gram_losses(lins[0].weight, scales, x, qcfg, scfg)
+        return gram_losses(lins[0].weight, scales, x, qcfg, scfg, gram=ref)
     n_cand = scales.shape[0]
     weight_bytes = sum(lin.weight.numel() for lin in lins) * x.element_size() * 2
     widest = max([x.shape[-1]] + [lin.out_features for lin in lins])
@@ -185,19 +186,31 @@ def grid_losses(
 
 
 @torch.no_grad()
-def inspect_output(root: nn.Module, inspect: str, x: torch.Tensor, kwargs: dict | None, batch: int = 8) -> torch.Tensor:
-    """root's submodule `inspect` run on x, in float32: the target every candidate is measured against."""
+def inspect_output(root: nn.Module, inspect: str, x: torch.Tensor, kwargs: dict | None) -> torch.Tensor:
+    """root's submodule `inspect` run on x (windows or token rows), in float32, about 4096 tokens at a
+    time: the target every candidate is measured against."""
+    batch = max(1, 4096 // (x.shape[1] if x.dim() == 3 else 1))
     return torch.cat([_call(root.get_submodule(inspect), xb, kwargs).float() for xb in x.split(batch)])
 
 
+def gram_matrix(x: torch.Tensor) -> torch.Tensor:
+    """x^T x / tokens of x (..., in), float32."""
+    xt = x.reshape(-1, x.shape[-1]).float()
+    return xt.T @ xt / xt.shape[0]
+
+
 def gram_losses(
-    w: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, qcfg: QuantConfig, scfg: SearchConfig
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    x: torch.Tensor,
+    qcfg: QuantConfig,
+    scfg: SearchConfig,
+    gram: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """grid_losses where the inspected module is the one linear: its output error is x @ D^T with
-    D = Q(W * s) / s - W (the bias cancels), so the mean squared error is tr(D G D^T) / (tokens * out)
-    with G = x^T x, computed once. The grid then costs out * in^2 per candidate, not tokens * in * out."""
-    xt = x.reshape(-1, x.shape[-1]).float()
-    gram = xt.T @ xt
+    D = Q(W * s) / s - W (the bias cancels), so the mean squared error is tr(D G D^T) / out with
+    G = x^T x / tokens, computed once. The grid then costs out * in^2 per candidate, not tokens * in * out."""
+    gram = gram_matrix(x) if gram is None else gram
     w = w.float()
     per_cand = w.numel() * 4 * 3  # the candidate's Q(W), D and D @ G, float32
     chunk = int(max(1, min(len(scales), scfg.memory_budget // per_cand)))
@@ -205,12 +218,15 @@ def gram_losses(
     for s in scales.float().split(chunk):
         d = fake_quantize_stack(w, s, qcfg) - w
         losses.append(((d @ gram) * d).sum(dim=(1, 2)).double())
-    return torch.cat(losses) / (xt.shape[0] * w.shape[0])
+    return torch.cat(losses) / w.shape[0]
 
 
-def grid_sample(x: torch.Tensor, max_tokens: int) -> torch.Tensor:
+def grid_sample(x: torch.Tensor, max_tokens: int, per_token: bool = False) -> torch.Tensor:
     """Every k-th window of x (n, seqlen, in), or row of x (tokens, in), k the smallest step that keeps
-    at most max_tokens tokens; all of x when max_tokens is 0."""
+    at most max_tokens tokens; all of x when max_tokens is 0. per_token: x's tokens as rows (tokens, in)
+    first, for a module that acts on each token alone, so the sample spans every window."""
+    if per_token:
+        x = x.reshape(-1, x.shape[-1])
     per_row = x.shape[1] if x.dim() == 3 else 1
     if not max_tokens or x.shape[0] * per_row <= max_tokens:
         return x
@@ -237,10 +253,13 @@ def search_scales(
     weights = [block.get_submodule(n).weight for n in group.linears]
     alphas, cands = candidate_scales(x, weights, qcfg, scfg)
     losses = torch.full((len(cands),), torch.inf, dtype=torch.float64, device=cands.device)
-    xs = grid_sample(x, scfg.grid_tokens)
     kw = kwargs if group.inspect_takes_kwargs else None
+    # a module that acts on each token alone (not attention, not a router) is measured on tokens spread
+    # over every window: half the tokens of whole windows, as varied a sample (a window's tokens correlate)
+    per_token = not group.inspect_takes_kwargs and not group.routes_tokens
+    xs = grid_sample(x, scfg.grid_tokens // 2 if per_token else scfg.grid_tokens, per_token)
     single_linear = list(group.linears) == [group.inspect] and not group.routes_tokens
-    ref = None if single_linear else inspect_output(block, group.inspect, xs, kw)
+    ref = gram_matrix(xs) if single_linear else inspect_output(block, group.inspect, xs, kw)
 
     def evaluate(indices: list[int]) -> None:
         todo = [i for i in indices if 0 <= i < len(cands) and losses[i] == torch.inf]

@@ -201,3 +201,6 @@ def test_grid_sample_keeps_evenly_spaced_whole_windows_within_the_token_cap():
     assert grid_sample(x, 13).shape[0] * 4 <= 13 + 4 and torch.equal(grid_sample(x, 13)[1], x[4])
     rows = torch.arange(9.0).view(9, 1)  # routed tokens: rows
     assert torch.equal(grid_sample(rows, 3), rows[[0, 3, 6]])
+    spread = grid_sample(x, 20, per_token=True)  # a per-token module: every 2nd token of every window
+    assert spread.shape == (20, 2) and torch.equal(spread, x.reshape(40, 2)[::2])
+    assert grid_sample(x, 0, per_token=True).shape == (40, 2)
