@@ -125,6 +125,7 @@ def main():
     ap.add_argument("--max-eval-windows", type=int, default=0, help="0: every window of the eval text")
     ap.add_argument("--ours", action="append", default=[], help="CLI options of an extra awqflow row")
     ap.add_argument("--methods", default="awqflow,llmc-awq,llmc-gptq")
+    ap.add_argument("--no-default-row", action="store_true", help="awqflow: only the --ours rows, not plain awq")
     a = ap.parse_args()
     a.model = os.path.abspath(os.path.expanduser(a.model))
     methods = a.methods.split(",")
@@ -146,7 +147,7 @@ def main():
     rows = {}
     for method in methods:
         if method == "awqflow":
-            for extra in ["", *a.ours]:
+            for extra in ([] if a.no_default_row else [""]) + a.ours:
                 label = f"awqflow {extra}" if extra else "awqflow awq"
                 rows[label] = ours(a, tmp, label.replace(" ", "_").replace("-", ""), extra, windows, reference)
                 if rows[label]["calibration_fingerprint"] != tensor_fingerprint(calib):
