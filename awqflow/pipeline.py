@@ -169,12 +169,16 @@ def sequential_blocks(p: Plan, windows: torch.Tensor, cache_url: str, device: st
     dtype = compute_dtype(m.config, device)
     kwargs = m.block_kwargs(windows.shape[1], device, dtype)
     hidden = embed_windows(m, windows, device, dtype)
+    fp_hidden = hidden if p.method.fp_targets else None  # the FP model's hidden states beside the quantized
     stats = {}
     for i in range(p.n_blocks):
         block = m.block(i, device, dtype)
+        if fp_hidden is not None:
+            fp_hidden = run_block(block, fp_hidden, kwargs[i])
         hit = cache.get(p.block_key(i))  # a resumed run replays finished blocks instead of searching again
         if hit is None:
-            codes, stats[i] = p.method.quantize_block(block, m.arch, BlockInputs(hidden, kwargs[i]), p.options)
+            inputs = BlockInputs(hidden, kwargs[i], fp_hidden)
+            codes, stats[i] = p.method.quantize_block(block, m.arch, inputs, p.options)
             tensors = checkpoint_tensors(block, codes, p.options.quant)
             cache.put(p.block_key(i), tensors, stats[i])
         else:

@@ -145,6 +145,8 @@ def main():
     reference = load_fp_model(a.model)
 
     rows = {}
+    result = os.path.join(BENCH, "results", f"compare-{a.name}.json")
+    os.makedirs(os.path.dirname(result), exist_ok=True)
     for method in methods:
         if method == "awqflow":
             for extra in ([] if a.no_default_row else [""]) + a.ours:
@@ -155,35 +157,37 @@ def main():
         else:
             rows[method] = theirs(a, tmp, method, calib_pt, eval_pt)
         log(f"{list(rows)[-1]}: {json.dumps(rows[list(rows)[-1]])}")
+        # after every row, so a run cut short keeps what it measured
+        with open(result, "w") as f:
+            json.dump(
+                {
+                    "date": time.strftime("%Y-%m-%d %H:%M"),
+                    "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                    "args": vars(a),
+                    "calib_fingerprint": tensor_fingerprint(calib),
+                    "eval_fingerprint": tensor_fingerprint(windows),
+                    "rows": rows,
+                },
+                f,
+                indent=2,
+            )
 
     base = rows.get("llmc-awq", {}).get("seconds")
+    autoround = rows.get("autoround", {}).get("seconds")
     print(
         f"\n{a.name}: w{a.w_bit} g{a.group_size}, calibration {a.n_samples} x {a.seqlen}, "
         f"{windows.shape[0]} eval windows x {a.seqlen}; FP ppl {next(iter(rows.values()))['fp_ppl']:.3f}; "
         f"{os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}"
     )
-    print("| method | seconds | vs llm-compressor AWQ | block stage s | peak RSS MiB | ppl | mean KL |")
-    print("|---|---|---|---|---|---|---|")
+    print("| method | seconds | vs llm-compressor AWQ | vs AutoRound | block stage s | peak RSS MiB | ppl | mean KL |")
+    print("|---|---|---|---|---|---|---|---|")
     for label, r in rows.items():
         ratio = f"{r['seconds'] / base:.2f}x" if base else "-"
+        vs_autoround = f"{r['seconds'] / autoround:.2f}x" if autoround else "-"
         blocks = f"{r['block_seconds']:.0f}" if "block_seconds" in r else "-"
         print(
-            f"| {label} | {r['seconds']:.0f} | {ratio} | {blocks} | {r['peak_rss_mib']} | {r['ppl']:.3f} "
-            f"| {r['kl_mean']:.5f} |"
-        )
-    os.makedirs(os.path.join(BENCH, "results"), exist_ok=True)
-    with open(os.path.join(BENCH, "results", f"compare-{a.name}.json"), "w") as f:
-        json.dump(
-            {
-                "date": time.strftime("%Y-%m-%d %H:%M"),
-                "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                "args": vars(a),
-                "calib_fingerprint": tensor_fingerprint(calib),
-                "eval_fingerprint": tensor_fingerprint(windows),
-                "rows": rows,
-            },
-            f,
-            indent=2,
+            f"| {label} | {r['seconds']:.0f} | {ratio} | {vs_autoround} | {blocks} | {r['peak_rss_mib']} "
+            f"| {r['ppl']:.3f} | {r['kl_mean']:.5f} |"
         )
 
 

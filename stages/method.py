@@ -22,6 +22,9 @@ class BlockInputs:
 
     hidden: torch.Tensor
     kwargs: dict
+    # sequential mode, for methods with fp_targets: the FP model's own output of this block (its input
+    # is the FP model's, not `hidden`), i.e. what the quantized model should produce here
+    fp_target: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,9 @@ class Method:
     options: tuple[str, ...] = ()  # Options fields its results depend on beyond bits / group / zero point
     # per-block statistics -> rows of the run's statistics table (Prefect UI), or None
     table: Callable[[dict], list[dict]] | None = None
+    # sequential mode: also give it BlockInputs.fp_target, so it can undo the error of the blocks
+    # before it (AutoRound's quantized inputs with FP targets); costs one more block forward
+    fp_targets: bool = False
 
 
 def linears_of(block: nn.Module) -> dict[str, nn.Linear]:

@@ -113,3 +113,23 @@ def test_awq_gptq_leaves_awqs_clipping_out_and_its_cache_key_ignores_clip(tiny_m
         for clip in (True, False)
     }
     assert keys[True] == keys[False]
+
+
+@pytest.mark.parametrize("method", ["awq", "awq-round"])
+def test_sequential_learned_rounding_aims_at_the_fp_models_own_block_outputs(method, tiny_model, tmp_path, monkeypatch):
+    """Sequential mode feeds block i the quantized blocks' output; learned rounding (fp_targets) is also
+    given the FP model's output of block i, so it can make up for the error upstream (AutoRound's
+    quantized inputs with FP targets). Other methods get none and keep llm-compressor's target."""
+    m, fp_inputs = block_with_inputs(tiny_model, tmp_path, index=1)  # block 1's FP input = block 0's FP output
+    seen = []
+    real = method_named(method)
+    record = lambda block, arch, inputs, opts: seen.append(inputs) or real.quantize_block(block, arch, inputs, opts)
+    monkeypatch.setattr(pipeline.Plan, "method", property(lambda p: replace(real, quantize_block=record)))
+    pipeline.run(str(tiny_model), str(tmp_path / "seq"), Options(**SMALL, method=method, mode="sequential"))
+    assert len(seen) == 2 and not torch.allclose(seen[1].hidden, fp_inputs.hidden)  # block 1: quantized input
+    if method == "awq":
+        assert seen[0].fp_target is None and seen[1].fp_target is None
+        return
+    assert torch.equal(seen[0].fp_target, fp_inputs.hidden)
+    fp_block_1 = run_block(m.block(1, "cpu", torch.float32), fp_inputs.hidden, fp_inputs.kwargs)
+    assert torch.allclose(seen[1].fp_target, fp_block_1, atol=1e-6)

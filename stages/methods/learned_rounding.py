@@ -52,13 +52,14 @@ def tune(block, arch, inputs, opts, target: torch.Tensor) -> tuple[dict, dict]:
 
 
 def awq_round_block(block, arch, inputs, opts):
-    stats, target, _ = awq_search(block, arch, inputs, opts)  # target: the FP block's output
+    stats, fp_out, _ = awq_search(block, arch, inputs, opts)  # fp_out: the FP block's output on inputs.hidden
+    target = fp_out if inputs.fp_target is None else inputs.fp_target
     codes, stats["round"] = tune(block, arch, inputs, opts, target)
     return codes, stats
 
 
 def round_block(block, arch, inputs, opts):
-    target = run_block(block, inputs.hidden, inputs.kwargs)
+    target = run_block(block, inputs.hidden, inputs.kwargs) if inputs.fp_target is None else inputs.fp_target
     codes, stats = tune(block, arch, inputs, opts, target)
     return codes, {"round": stats}
 
@@ -83,6 +84,6 @@ def round_table(stats: dict) -> list[dict]:
 ROUND_OPTIONS = ("round_steps", "round_lr", "round_batch_size", "round_dtype", "round_patience", "seed")
 AWQ_ROUND = Method(
     "awq-round", awq_round_block, needs_inputs=True, options=(*AWQ_OPTIONS, *ROUND_OPTIONS),
-    table=round_table,
+    table=round_table, fp_targets=True,
 )  # fmt: skip
-ROUND = Method("round", round_block, needs_inputs=True, options=ROUND_OPTIONS, table=round_table)
+ROUND = Method("round", round_block, needs_inputs=True, options=ROUND_OPTIONS, table=round_table, fp_targets=True)
