@@ -100,6 +100,17 @@ def awq_search(block: nn.Module, arch: Architecture, inputs, opts, clip: bool | 
     return search_block(block, arch, inputs.hidden, inputs.kwargs, opts.quant, scfg, clip)
 
 
+def clip_ranges(block: nn.Module, arch: Architecture, inputs: dict, qcfg: QuantConfig) -> dict[str, torch.Tensor]:
+    """AWQ's clip search for every clipped linear of the block, on its inputs as collect_linear_inputs
+    keys them: {linear name: max |w| per (output channel, group)}. Changes nothing."""
+    sources = input_sources(block, block_groups(block, arch))
+    return {
+        name: search_clip(lin.weight, inputs[sources[name][1]], qcfg)
+        for name, lin in linears_of(block).items()
+        if name not in arch.no_clip and name not in arch.unquantized and sources[name][1] in inputs
+    }
+
+
 @torch.no_grad()
 def search_block(
     block: nn.Module,
@@ -130,11 +141,8 @@ def search_block(
         inputs[group.linears[0]] = inputs[group.linears[0]] / s.to(inputs[group.linears[0]].dtype)
         stats[group.prev + "->" + ",".join(group.linears)] = info
     if clip:
-        sources = input_sources(block, groups)
-        for name, lin in linears_of(block).items():
-            key = sources[name][1]
-            if name not in arch.no_clip and name not in arch.unquantized and key in inputs:
-                apply_clip(lin.weight, search_clip(lin.weight, inputs[key], qcfg))
+        for name, max_val in clip_ranges(block, arch, inputs, qcfg).items():
+            apply_clip(block.get_submodule(name).weight, max_val)
     awq_mse = output_mse(block, arch, few, kwargs, qcfg, few_out)
     return BlockSearch({"groups": stats, "output_mse_rtn": rtn_mse, "output_mse_awq": awq_mse}, fp_out, inputs)
 
