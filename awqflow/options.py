@@ -62,10 +62,11 @@ class Options(BaseModel):
     round_patience: int = Field(
         0, ge=0, description="awq-round, round: stop once the best loss has not improved for this many steps (0: never)"
     )
-    mode: Literal["parallel", "sequential"] = Field(
-        "parallel",
+    mode: Literal["parallel", "sequential"] | None = Field(
+        None,
         description="parallel: every block searched on FP inputs (AutoAWQ); "
-        "sequential: on the quantized previous blocks' outputs (llm-compressor)",
+        "sequential: on the quantized previous blocks' outputs (llm-compressor); "
+        "default: the method's (sequential for awq-round and round, parallel for the others)",
     )
     format: Literal["awq-gemm", "compressed-tensors"] = Field(
         "awq-gemm", description="checkpoint layout: AutoAWQ GEMM or compressed-tensors pack-quantized"
@@ -93,6 +94,11 @@ class Options(BaseModel):
     def _autoawq_format_name(cls, value):
         """AutoAWQ calls its layout a version ("GEMM")."""
         return "awq-gemm" if isinstance(value, str) and value.lower() == "gemm" else value
+
+    @property
+    def block_mode(self) -> str:
+        """The mode the blocks run in: the one asked for, else the method's."""
+        return self.mode or method_named(self.method).mode
 
     @property
     def quant(self) -> QuantConfig:

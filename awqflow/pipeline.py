@@ -56,7 +56,7 @@ class Plan:
             **{name: getattr(o, name) for name in method.options},
         }
         if method.needs_inputs:
-            parts.update(mode=o.mode, calibration=self.calib_fp)
+            parts.update(mode=o.block_mode, calibration=self.calib_fp)
         return key("block", self.model_fp, index, parts, self.code_fp)
 
 
@@ -286,7 +286,7 @@ def run(model: str, out: str, options: Options, runner=None) -> dict:
     if p.method.needs_inputs:
         with timed(timings, "calibration"):
             windows, p = runner.stage("calibrate", calibrate, p)
-    if p.method.needs_inputs and o.mode == "sequential":
+    if p.method.needs_inputs and o.block_mode == "sequential":
         with timed(timings, "blocks"):
             stats = runner.stage("sequential-blocks", sequential_blocks, p, windows, cache_url, devices[0])
     else:

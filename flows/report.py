@@ -33,7 +33,7 @@ def markdown_report(
         f"# AWQ run: `{model}` -> `{out}`",
         "",
         f"method **{opts.method}**, w{opts.w_bit}, group {opts.group_size}, zero point {opts.zero_point}, "
-        f"mode {opts.mode}, format {layout}",
+        f"mode {opts.block_mode}, format {layout}",
         "",
         _size_line(opts, size_before, size_after),
         "",

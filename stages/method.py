@@ -41,6 +41,7 @@ class Method:
     # sequential mode: also give it BlockInputs.fp_target, so it can undo the error of the blocks
     # before it (AutoRound's quantized inputs with FP targets); costs one more block forward
     fp_targets: bool = False
+    mode: str = "parallel"  # the blocks' mode when the run asks for none (Options.mode)
 
 
 def linears_of(block: nn.Module) -> dict[str, nn.Linear]:

@@ -133,3 +133,11 @@ def test_sequential_learned_rounding_aims_at_the_fp_models_own_block_outputs(met
     assert torch.equal(seen[0].fp_target, fp_inputs.hidden)
     fp_block_1 = run_block(m.block(1, "cpu", torch.float32), fp_inputs.hidden, fp_inputs.kwargs)
     assert torch.allclose(seen[1].fp_target, fp_block_1, atol=1e-6)
+
+
+def test_learned_rounding_runs_sequential_unless_asked_otherwise(tiny_model):
+    plan = pipeline.plan(str(tiny_model), Options(**SMALL, method="awq-round"))
+    asked = {mode: Options(**SMALL, method="awq-round", mode=mode) for mode in ("sequential", "parallel")}
+    assert plan.options.block_mode == "sequential" and Options(**SMALL).block_mode == "parallel"
+    assert plan.block_key(0) == replace(plan, options=asked["sequential"]).block_key(0)
+    assert plan.block_key(0) != replace(plan, options=asked["parallel"]).block_key(0)

@@ -39,6 +39,8 @@ def other_value(name: str, field):
         return "some/path.txt"
     if args and typing.get_origin(args[0]) is list:
         return ["cpu", "cpu"]
+    if args and typing.get_origin(args[0]) is typing.Literal:
+        return typing.get_args(args[0])[0]
     raise AssertionError(f"no test value for options field {name}: {kind}")
 
 

@@ -87,7 +87,9 @@ def test_layer_types():
 
 def test_report_embeds_the_pictures(tmp_path):
     made = plots.write_plots(fake_stats(2), str(tmp_path))
-    opts = SimpleNamespace(method="awq", w_bit=4, group_size=128, zero_point=True, mode="parallel", format="awq-gemm")
+    opts = SimpleNamespace(
+        method="awq", w_bit=4, group_size=128, zero_point=True, block_mode="parallel", format="awq-gemm"
+    )
     uris = {t: plots.data_uri(p) for t, p in made.items()}
     md = markdown_report("m", "o", opts, 2**20, 2**18, {"total": 1.0}, {}, pictures=uris)
     assert "## Plots" in md and md.count("](data:image/png;base64,") == 2

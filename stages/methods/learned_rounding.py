@@ -18,7 +18,9 @@ from awqflow.stages.quantize import dequantize_codes, quantize_codes
 from awqflow.stages.signround import learn_rounding
 
 log = logging.getLogger("awqflow.round")
-HELD_OUT = 32  # at most this many windows (and at most a quarter) held out of the tuning to judge it
+# Windows held out of the tuning to judge it: a quarter, at most 8 (bundled model, w4 g128, 128 windows:
+# ppl / KL 50.614 / 0.00098 holding out 32, 50.597 / 0.00090 holding out 8)
+HELD_OUT = 8
 
 
 def output_mse(block, codes: dict, hidden: torch.Tensor, kwargs: dict, target: torch.Tensor) -> float:
@@ -34,7 +36,7 @@ def tune(block, arch, inputs, opts, target: torch.Tensor, start: dict | None = N
     (default: the current weights rounded to nearest) on held-out windows."""
     hidden, kwargs = inputs.hidden, inputs.kwargs
     n = hidden.shape[0]
-    held = min(n // 4, HELD_OUT) if n >= 2 else 0
+    held = min(n // 4, HELD_OUT)
     fit = slice(0, n - held)
     start = round_linears(block, arch, opts.quant) if start is None else start
     dtype = getattr(torch, opts.round_dtype)
@@ -104,6 +106,9 @@ def round_table(stats: dict) -> list[dict]:
 ROUND_OPTIONS = ("round_steps", "round_lr", "round_batch_size", "round_dtype", "round_patience", "seed")
 AWQ_ROUND = Method(
     "awq-round", awq_round_block, needs_inputs=True, options=(*AWQ_OPTIONS, *ROUND_OPTIONS),
-    table=round_table, fp_targets=True,
+    table=round_table, fp_targets=True, mode="sequential",
 )  # fmt: skip
-ROUND = Method("round", round_block, needs_inputs=True, options=ROUND_OPTIONS, table=round_table, fp_targets=True)
+ROUND = Method(
+    "round", round_block, needs_inputs=True, options=ROUND_OPTIONS, table=round_table, fp_targets=True,
+    mode="sequential",
+)  # fmt: skip
