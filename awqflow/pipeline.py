@@ -146,7 +146,7 @@ def quantize_block(p: Plan, index: int, store_path: str | None, device: str | No
     inputs = None
     if p.method.needs_inputs:
         hidden = ActivationStore(store_path, mode="r").read(index, device)
-        inputs = BlockInputs(hidden, m.block_kwargs(hidden.shape[1], device, dtype)[index])
+        inputs = BlockInputs(hidden, m.block_kwargs(hidden.shape[1], device, dtype)[index], index=index)
     codes, stats = p.method.quantize_block(block, m.arch, inputs, p.options)
     return {k: v.cpu() for k, v in checkpoint_tensors(block, codes, p.options.quant).items()}, stats
 
@@ -162,7 +162,7 @@ def cached_block(p: Plan, index: int, cache_url: str, store_path: str | None, de
     return stats
 
 
-def sequential_blocks(p: Plan, windows: torch.Tensor, cache_url: str, device: str | None = None) -> dict:
+def sequential_blocks(p: Plan, windows: torch.Tensor, cache_url: str, device: str | None = None, progress=None) -> dict:
     """llm-compressor's order: block i is quantized on the output of blocks 0..i-1 already quantized."""
     device = resolve_device(device)
     m, cache = p.model, BlockCache(cache_url)
@@ -177,7 +177,7 @@ def sequential_blocks(p: Plan, windows: torch.Tensor, cache_url: str, device: st
             fp_hidden = run_block(block, fp_hidden, kwargs[i])
         hit = cache.get(p.block_key(i))  # a resumed run replays finished blocks instead of searching again
         if hit is None:
-            inputs = BlockInputs(hidden, kwargs[i], fp_hidden)
+            inputs = BlockInputs(hidden, kwargs[i], fp_hidden, i)
             codes, stats[i] = p.method.quantize_block(block, m.arch, inputs, p.options)
             tensors = checkpoint_tensors(block, codes, p.options.quant)
             cache.put(p.block_key(i), tensors, stats[i])
@@ -186,6 +186,8 @@ def sequential_blocks(p: Plan, windows: torch.Tensor, cache_url: str, device: st
             block.load_state_dict({k: v for k, v in tensors.items() if k in block.state_dict()}, strict=False)
         load_fake_quant(block, tensors)
         hidden = run_block(block, hidden, kwargs[i])
+        if progress:
+            progress(i + 1, p.n_blocks)
     return stats
 
 
@@ -288,7 +290,15 @@ def run(model: str, out: str, options: Options, runner=None) -> dict:
             windows, p = runner.stage("calibrate", calibrate, p)
     if p.method.needs_inputs and o.block_mode == "sequential":
         with timed(timings, "blocks"):
-            stats = runner.stage("sequential-blocks", sequential_blocks, p, windows, cache_url, devices[0])
+            stats = runner.stage(
+                "sequential-blocks",
+                sequential_blocks,
+                p,
+                windows,
+                cache_url,
+                devices[0],
+                progress=runner.progress("blocks", p.n_blocks),
+            )
     else:
         if p.method.needs_inputs:
             with timed(timings, "capture"):

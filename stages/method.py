@@ -25,6 +25,7 @@ class BlockInputs:
     # sequential mode, for methods with fp_targets: the FP model's own output of this block (its input
     # is the FP model's, not `hidden`), i.e. what the quantized model should produce here
     fp_target: torch.Tensor | None = None
+    index: int | None = None  # which block (for progress messages)
 
 
 @dataclass(frozen=True)

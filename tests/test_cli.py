@@ -179,3 +179,13 @@ def test_quantize_then_ppl_json_with_kl(model, tmp_path):
     proc = awqflow("ppl", "--model", out, "--text", text, "--seqlen", 128, "--json", "--reference", model)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["tokens"] > 1000 and torch.isfinite(torch.tensor(result["ppl"])) and result["kl"] > 0
+
+
+def test_learned_rounding_shows_its_progress_per_block_in_the_terminal(model, tmp_path):
+    proc = quantize(model, tmp_path / "q", "--method", "awq-round", "--round-steps", 60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # a bar over the sequential blocks, each block's steps (every 50) with their loss, and its verdict
+    assert "blocks: 100%" in proc.stderr, proc.stderr[-3000:]
+    for i in (0, 1):
+        assert f"block {i}, learned rounding step 50/60: minibatch loss " in proc.stderr, proc.stderr[-3000:]
+        assert f"block {i}, learned rounding: output MSE " in proc.stderr, proc.stderr[-3000:]

@@ -21,6 +21,7 @@ log = logging.getLogger("awqflow.round")
 # Windows held out of the tuning to judge it: a quarter, at most 8 (bundled model, w4 g128, 128 windows:
 # ppl / KL 50.614 / 0.00098 holding out 32, 50.597 / 0.00090 holding out 8)
 HELD_OUT = 8
+PROGRESS_EVERY = 50  # steps between progress lines (terminal and Prefect UI)
 
 
 def output_mse(block, codes: dict, hidden: torch.Tensor, kwargs: dict, target: torch.Tensor) -> float:
@@ -43,8 +44,10 @@ def tune(block, arch, inputs, opts, target: torch.Tensor, start: dict | None = N
     learned, stats = learn_rounding(
         block, quantized_linears(block, arch), hidden[fit], kwargs, target[fit], opts.quant,
         steps=opts.round_steps, lr=opts.round_lr, batch_size=opts.round_batch_size, seed=opts.seed,
-        tuning_dtype=dtype, patience=opts.round_patience,
-        progress=lambda step, loss: log.info("step %d: minibatch loss %.4g", step, loss),
+        tuning_dtype=dtype, patience=opts.round_patience, progress_every=PROGRESS_EVERY,
+        progress=lambda step, loss: log.info(
+            "block %s, learned rounding step %d/%d: minibatch loss %.4g", inputs.index, step, opts.round_steps, loss
+        ),
     )  # fmt: skip
     if held:
         tail = slice(n - held, n)
@@ -54,6 +57,11 @@ def tune(block, arch, inputs, opts, target: torch.Tensor, start: dict | None = N
     else:  # one window: learn_rounding's own guard on the tuning data is all there is
         stats["kept"] = not stats["fell_back"]
     stats["heldout_samples"] = held
+    verdict = "kept" if stats["kept"] else "not kept (the starting codes win on the held-out windows)"
+    log.info(
+        "block %s, learned rounding: output MSE %.4g -> %.4g on the tuning windows, %s",
+        inputs.index, stats["loss_before"], stats["loss_after"], verdict,
+    )  # fmt: skip
     return (learned if stats["kept"] else start), stats
 
 
