@@ -29,7 +29,11 @@ class Options(BaseModel):
     n_samples: int = Field(128, ge=1, description="calibration windows")
     seqlen: int = Field(512, ge=2, description="tokens per calibration window")
     seed: int = Field(0, description="shuffles the calibration documents")
-    clip: bool = Field(True, description="awq, awq-round: AWQ clip search after the scale search")
+    clip: bool = Field(
+        True,
+        description="awq: AWQ clip search after the scale search; "
+        "awq-round: in the AWQ codes its learned ones must beat",
+    )
     duo_scaling: bool = Field(True, description="s = x_mean^a / w_mean^(1-a); off: s = x_mean^a")
     n_grid: int = Field(20, ge=1, description="alpha grid points of the scale search")
     grid_stride: int = Field(
