@@ -1,28 +1,33 @@
 """Checkpoints stay the same across refactors: the bundled model's outputs for a few option sets against
-summaries recorded before the structure changed (issue 12). A change that moves results on purpose (a
+what was recorded before the structure changed (issue 12). A change that moves results on purpose (a
 better search) re-records them in the same commit, and says so:
 
     AWQFLOW_GOLDEN_RECORD=1 .venv/bin/python -m pytest tests/test_golden.py
 
-Not bit hashes: the same code on another CPU (AVX-512 against AVX2 kernels, other reduction orders)
-moves float results by an ulp, which flips a rounding tie here and there and so every hash. Each tensor
-is summarised by its sum and absolute sum (float tensors as they are, packed integer tensors by their
-4-bit nibbles): a tie flipped moves a sum by a few 1e-6 of itself, another alpha for a group by far more
-than the 5e-5 allowed."""
+Neither bit hashes nor weight sums: the same code on another CPU (AVX-512 against AVX2 kernels, other
+reduction orders) moves float losses by an ulp, and where two grid points of the scale or clip search
+lie that close the other one wins. Another alpha for a group rescales whole linears, so their sums move
+by percent (CI, 2026-12-02: v_proj's sum by 2.6 %), yet the block's output error and the model's logits
+barely move, since the two choices tie. So each case records what must not move: every tensor's name,
+dtype and shape, the quantization_config exactly, and the checkpoint's perplexity and mean KL to the FP
+model on fixed windows within a tolerance that a flipped near-tie keeps and a worse search does not
+(the last test here holds the measured figures)."""
 
 import json
 import os
 
 import pytest
-import torch
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 from awqflow import pipeline
+from awqflow.load import load_model
 from awqflow.options import Options
+from awqflow.stages.perplexity import eval_windows, perplexities
 
-from conftest import CALIB, FIXTURE
+from conftest import CALIB, EVAL, FIXTURE
 
-TOLERANCE = 5e-5
+PPL_TOLERANCE, KL_TOLERANCE = 5e-4, 0.01  # relative
 RECORDED = os.path.join(os.path.dirname(__file__), "golden.json")
 CASES = {
     "awq-w4g128-full-grid": {"grid_stride": 1},
@@ -35,39 +40,42 @@ CASES = {
 }
 
 
-def tensor_summary(t: torch.Tensor) -> list[float]:
-    if t.is_floating_point():
-        v = t.double()
-    else:  # packed codes: one value per 4-bit nibble, so a flipped code moves the sum by a few units
-        b = t.contiguous().view(-1).view(torch.uint8).long()
-        v = torch.cat([b & 0xF, b >> 4]).double()
-    return [float(v.sum()), float(v.abs().sum())]
+@pytest.fixture(scope="module")
+def fp_and_windows():
+    windows = eval_windows(AutoTokenizer.from_pretrained(FIXTURE), EVAL.read_text(encoding="utf-8"), 128)[:64]
+    return load_model(str(FIXTURE)), windows
 
 
-def checkpoint_summary(out) -> dict:
-    """Every tensor's (sum, absolute sum), with its dtype and shape, and the quantization_config."""
+def checkpoint_summary(out, fp, windows) -> dict:
+    """Every tensor's dtype and shape, the quantization_config, and ppl / KL to `fp` on `windows`."""
     tensors = load_file(out / "model.safetensors")
-    summary = {name: [str(t.dtype), list(t.shape), *tensor_summary(t)] for name, t in sorted(tensors.items())}
-    summary["quantization_config"] = json.loads((out / "config.json").read_text()).get("quantization_config")
-    return summary
+    r = perplexities({"fp": fp, "q": load_model(str(out))}, windows, reference="fp")["q"]
+    return {
+        "tensors": {name: [str(t.dtype), list(t.shape)] for name, t in sorted(tensors.items())},
+        "quantization_config": json.loads((out / "config.json").read_text()).get("quantization_config"),
+        "ppl": r["ppl"],
+        "kl": r["kl"],
+    }
 
 
 def assert_same(found: dict, expected: dict):
-    assert found.keys() == expected.keys()
+    assert found["tensors"] == expected["tensors"]
     assert found["quantization_config"] == expected["quantization_config"]
-    for name in found.keys() - {"quantization_config"}:
-        (dtype, shape, *sums), (want_dtype, want_shape, *want_sums) = found[name], expected[name]
-        assert (dtype, shape) == (want_dtype, want_shape), name
-        assert sums == pytest.approx(want_sums, rel=TOLERANCE, abs=1e-6), name
+    assert found["ppl"] == pytest.approx(expected["ppl"], rel=PPL_TOLERANCE), "perplexity moved"
+    assert found["kl"] == pytest.approx(expected["kl"], rel=KL_TOLERANCE), "KL to the FP model moved"
+
+
+def run_case(case, tmp_path_factory, fp_and_windows, **extra) -> dict:
+    work = tmp_path_factory.getbasetemp() / "golden-work"  # shared: one capture for the AWQ cases
+    out = tmp_path_factory.mktemp("golden") / case
+    options = Options(calib=str(CALIB), n_samples=8, seqlen=128, work_dir=str(work), **{**CASES[case], **extra})
+    pipeline.run(str(FIXTURE), str(out), options)
+    return checkpoint_summary(out, *fp_and_windows)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_checkpoint_is_the_recorded_one(case, tmp_path_factory):
-    work = tmp_path_factory.getbasetemp() / "golden-work"  # shared: one capture for the AWQ cases
-    out = tmp_path_factory.mktemp("golden") / case
-    options = Options(calib=str(CALIB), n_samples=8, seqlen=128, work_dir=str(work), **CASES[case])
-    pipeline.run(str(FIXTURE), str(out), options)
-    found = checkpoint_summary(out)
+def test_checkpoint_is_the_recorded_one(case, tmp_path_factory, fp_and_windows):
+    found = run_case(case, tmp_path_factory, fp_and_windows)
     if os.environ.get("AWQFLOW_GOLDEN_RECORD"):
         recorded = json.load(open(RECORDED)) if os.path.exists(RECORDED) else {}
         recorded[case] = found
@@ -77,14 +85,13 @@ def test_checkpoint_is_the_recorded_one(case, tmp_path_factory):
         assert_same(found, json.load(f)[case])
 
 
-def test_summaries_tolerate_a_flipped_tie_but_not_another_alpha():
-    g = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, 2**31 - 1, (256, 32), dtype=torch.int32, generator=g)  # a 256 x 256 4-bit linear
-    flipped = codes.clone()
-    flipped[3, 5] ^= 1 << 8  # one code off by one
-    assert tensor_summary(flipped) != tensor_summary(codes)
-    assert tensor_summary(flipped) == pytest.approx(tensor_summary(codes), rel=TOLERANCE)
-    w = torch.rand(256, 256, generator=g) * 0.1
-    s = torch.rand(256, generator=g) + 0.5  # the weights scaled by another alpha's s, re-rounded
-    other = (torch.round(w * s / 0.01) * 0.01) / s
-    assert tensor_summary(other) != pytest.approx(tensor_summary(torch.round(w / 0.01) * 0.01), rel=TOLERANCE)
+def test_tolerance_keeps_a_tie_but_not_a_worse_search(tmp_path_factory, fp_and_windows):
+    """Measured on the bundled model (awq w3 g64 / w4 g128, KL to FP): the whole alpha grid against the
+    bisected one moves KL by 0.5 / 0.3 % (both land in the same flat bracket, as a flipped tie does); a
+    5-point grid by 1.5 / 3.8 %, no duo scaling by 6 / 7 %."""
+    with open(RECORDED) as f:
+        recorded = json.load(f)["awq-w3g64"]
+    assert_same(run_case("awq-w3g64", tmp_path_factory, fp_and_windows, grid_stride=1), recorded)
+    for worse in ({"n_grid": 5}, {"duo_scaling": False}):
+        with pytest.raises(AssertionError):
+            assert_same(run_case("awq-w3g64", tmp_path_factory, fp_and_windows, **worse), recorded)
