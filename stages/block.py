@@ -1,6 +1,7 @@
 """AWQ on one block (scale search -> clip search), and a block's tensors as the checkpoint stores them.
 Touches nothing outside the block."""
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -62,15 +63,6 @@ def collect_linear_inputs(
     return {k: torch.cat(v) for k, v in seen.items() if v}, out
 
 
-def own_input_keys(block: nn.Module, groups: list[ScaleGroup]) -> dict[str, str]:
-    """Linear name -> the input_sources key under which exactly its own input is kept, for the linears
-    that have one: not an expert of a routing group (the kept input is every token, the expert sees
-    its share) nor a linear scaled along with a group (its kept input is not divided by s)."""
-    routed = {n for g in groups if g.routes_tokens for n in g.linears}
-    scaled_along = {n for g in groups for n in g.also_scaled}
-    return {n: key for n, (_, key) in input_sources(block, groups).items() if n not in routed | scaled_along}
-
-
 @contextmanager
 def fake_quantized(block: nn.Module, arch: Architecture, qcfg: QuantConfig):
     """The block with its quantized linears' weights replaced by Q(W) for the duration, then restored."""
@@ -90,14 +82,16 @@ def output_mse(block: nn.Module, arch: Architecture, hidden, kwargs, qcfg: Quant
         return float((run_block(block, hidden, kwargs) - ref).float().pow(2).mean())
 
 
-def awq_search(block: nn.Module, arch: Architecture, inputs, opts, clip: bool | None = None) -> BlockSearch:
+def awq_search(
+    block: nn.Module, arch: Architecture, inputs, opts, clip: bool | None = None, accept=None
+) -> BlockSearch:
     """search_block with the scale search a run's options ask for, and the clip search unless clip
     (default: the options' clip) says otherwise (the AWQ-based methods)."""
     scfg = SearchConfig(
         n_grid=opts.n_grid, duo_scaling=opts.duo_scaling, grid_stride=opts.grid_stride, grid_tokens=opts.grid_tokens
     )
     clip = opts.clip if clip is None else clip
-    return search_block(block, arch, inputs.hidden, inputs.kwargs, opts.quant, scfg, clip)
+    return search_block(block, arch, inputs.hidden, inputs.kwargs, opts.quant, scfg, clip, accept)
 
 
 def clip_ranges(block: nn.Module, arch: Architecture, inputs: dict, qcfg: QuantConfig) -> dict[str, torch.Tensor]:
@@ -120,11 +114,14 @@ def search_block(
     qcfg: QuantConfig,
     scfg: SearchConfig = SearchConfig(),
     clip: bool = True,
+    accept: Callable[[ScaleGroup, torch.Tensor, torch.Tensor], bool] | None = None,
 ) -> BlockSearch:
     """AWQ on one FP block, in place: searches all scales on the FP block first, then fuses them, then
     clips (on the scaled inputs), as AutoAWQ does. Returns the search statistics per group and the
     block's output error (MSE against the FP block, on the first STATS_SAMPLES windows) quantized plainly
-    (RTN) and after AWQ; the FP block's output on all of hidden; the linear inputs it captured, scaled."""
+    (RTN) and after AWQ; the FP block's output on all of hidden; the linear inputs it captured, scaled.
+    accept(group, s, the group's FP input), when given, decides whether a group's scales are applied;
+    a group it turns down keeps s = 1 and its statistics say so (alpha None)."""
     inputs, fp_out = collect_linear_inputs(block, arch, hidden, kwargs)
     # the RTN-vs-AWQ statistics only describe the result: a subsample of the windows is enough
     few, few_out = hidden[:STATS_SAMPLES], fp_out[:STATS_SAMPLES]
@@ -137,6 +134,9 @@ def search_block(
             found.append((group, *search_scales(block, group, x, qcfg, scfg, kwargs)))
     stats = {}
     for group, s, info in found:
+        if accept is not None and not accept(group, s, inputs[group.linears[0]]):
+            stats[group.prev + "->" + ",".join(group.linears)] = {**info, "alpha": None, "turned_down": info["alpha"]}
+            continue
         apply_scales(block, group, s)
         inputs[group.linears[0]] = inputs[group.linears[0]] / s.to(inputs[group.linears[0]].dtype)
         stats[group.prev + "->" + ",".join(group.linears)] = info

@@ -13,15 +13,14 @@ from awqflow.load import load_model
 from awqflow.options import Options
 from awqflow.pipeline import cached_block, capture, plan, save
 from awqflow.stages.architectures import ARCHITECTURES, architecture_for
-from awqflow.stages.block import own_input_keys, search_block
-from awqflow.stages.gptq import add_to_hessian
-from awqflow.stages.method import quantized_linears
-from awqflow.stages.methods.gptq import linear_hessians
+from awqflow.stages.gptq import add_to_hessian, gptq_codes
+from awqflow.stages.method import BlockInputs, quantized_linears
+from awqflow.stages.methods.gptq import gptq_in_order
 from awqflow.stages.model import blocks_of, record_block_calls
 from awqflow.stages.moe import unfuse_experts
 from awqflow.stages.perplexity import perplexity
-from awqflow.stages.quantize import QuantConfig
-from awqflow.stages.scales import SearchConfig, apply_scales, block_groups
+from awqflow.stages.quantize import dequantize_codes, quantize_codes
+from awqflow.stages.scales import apply_scales, block_groups
 from awqflow.storage.activations import ActivationStore
 from awqflow.storage.checkpoint import CheckpointReader
 from awqflow.storage.fingerprint import tensor_fingerprint
@@ -114,32 +113,40 @@ def test_random_scales_on_every_group_keep_the_model_function(model_type):
 
 
 @pytest.mark.parametrize("model_type", sorted(CONFIGS))
-def test_the_awq_searchs_inputs_give_gptq_the_hessians_a_pass_over_the_scaled_block_records(model_type):
-    """awq-gptq takes a linear's Hessian from the inputs the AWQ search captured (divided by s) instead
-    of another pass: for every linear it does so for, that must be the Hessian of what the scaled
-    linear sees; MoE experts (a share of the tokens) and linears scaled along a group are left out."""
+def test_gptq_rounds_each_linear_on_its_input_with_the_linears_before_it_quantized(model_type):
+    """gptq_in_order's codes of a linear are GPTQ's against the Hessian of the input it gets in the block
+    whose linears all hold their codes (the ones after it do not touch its input), MoE experts on the
+    tokens routed to them; a linear the pass never reaches is rounded to nearest."""
     arch = architecture_for(model_type)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type)).double().eval()
     if arch.fused_experts:
         unfuse_experts(blocks_of(model, arch), arch.fused_experts)
         model.double()
     randomize(model, model_type)
-    ids = torch.randint(0, VOCAB, (1, 48), generator=torch.Generator().manual_seed(1))  # a mask for one window
-    block = blocks_of(model, arch)[0]  # before the recorder takes its place in the model
+    ids = torch.randint(0, VOCAB, (1, 48), generator=torch.Generator().manual_seed(1))
+    block = blocks_of(model, arch)[0]
     ((hidden, kwargs),) = record_block_calls(model, arch, 1, input_ids=ids)
-    found = search_block(block, arch, hidden, kwargs, QuantConfig(4, 32), SearchConfig(n_grid=4), clip=False)
-    groups = block_groups(block, arch)
-    keys = own_input_keys(block, groups)
+    opts = Options(group_size=32)
+    weights = {n: lin.weight.data.clone() for n, lin in quantized_linears(block, arch).items()}
+    codes = gptq_in_order(block, arch, BlockInputs(hidden, kwargs), opts)
+    assert codes.keys() == weights.keys()
     linears = quantized_linears(block, arch)
-    passed = linear_hessians(block, linears, hidden, kwargs)
-    compared = [n for n in linears if keys.get(n) in found.inputs]
-    assert len(compared) >= 4, compared
-    for name in compared:
-        h, _ = add_to_hessian(None, found.inputs[keys[name]].float(), 0)
-        torch.testing.assert_close(h, passed[name], rtol=1e-4, atol=1e-6, msg=name)
-    routed = [n for g in groups if g.routes_tokens for n in g.linears]
-    assert not set(routed) & set(keys)
-    assert bool(routed) == (model_type in ("mixtral", "qwen2_moe", "qwen3_moe"))
+    for name, lin in linears.items():
+        lin.weight.data = dequantize_codes(*codes[name]).to(lin.weight.dtype)
+    seen = {}
+    handles = [lin.register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, a[0])) for n, lin in linears.items()]
+    with torch.no_grad():
+        block(hidden, **kwargs)
+    for handle in handles:
+        handle.remove()
+    assert len(seen) >= 4, seen.keys()
+    for name, w in weights.items():
+        if name in seen:
+            h, _ = add_to_hessian(None, seen[name], 0)
+            want = gptq_codes(w.float(), h, opts.quant, opts.gptq_block_size, opts.gptq_damp, name, opts.gptq_actorder)
+        else:
+            want = quantize_codes(w, opts.quant)
+        assert all(torch.equal(a, b) for a, b in zip(codes[name], want)), name
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,14 @@ from test_pack import autoawq_packing_utils
 
 from awqflow import pipeline
 from awqflow.options import Options
-from awqflow.stages.block import checkpoint_tensors
+from awqflow.stages.block import awq_search, checkpoint_tensors
+from awqflow.stages.gptq import add_to_hessian, gptq_codes
 from awqflow.stages.method import BlockInputs
 from awqflow.stages.methods import method_named
+from awqflow.stages.methods.gptq import gptq_prefers_scales, output_error
 from awqflow.stages.model import open_model, run_block
 from awqflow.stages.quantize import dequantize_codes
+from awqflow.stages.scales import block_groups, grid_sample
 from awqflow.storage.activations import ActivationStore
 
 from conftest import CALIB
@@ -141,3 +144,46 @@ def test_learned_rounding_runs_sequential_unless_asked_otherwise(tiny_model):
     assert plan.options.block_mode == "sequential" and Options(**SMALL).block_mode == "parallel"
     assert plan.block_key(0) == replace(plan, options=asked["sequential"]).block_key(0)
     assert plan.block_key(0) != replace(plan, options=asked["parallel"]).block_key(0)
+
+
+def test_gptqs_error_with_scales_is_the_scaled_linears_own_output_error():
+    """gptq_prefers_scales compares GPTQ with and without s in the FP linear's coordinates: w_hat / s
+    against H(x) must be the scaled linear's error (x / s)(w s)^T - (x / s) w_hat^T, computed directly."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 64, generator=g) * torch.exp(torch.randn(64, generator=g))
+    w, s = torch.randn(32, 64, generator=g), torch.exp(torch.randn(64, generator=g) / 2)
+    qcfg = Options(group_size=32).quant
+    h, _ = add_to_hessian(None, x, 0)
+    w_hat = dequantize_codes(*gptq_codes(w * s, h / s[:, None] / s[None, :], qcfg))
+    direct = ((x / s) @ (w * s).T - (x / s) @ w_hat.T).pow(2).sum() * 2 / x.shape[0]
+    assert output_error(w, w_hat / s, h) == pytest.approx(float(direct), rel=1e-4)
+
+
+def test_awq_gptq_turns_down_the_scales_gptq_does_better_without(tiny_model, tmp_path):
+    """A group whose scales the accept test turns down keeps s = 1: the block is left as it was and its
+    statistics row says alpha None, with the alpha it turned down. awq-gptq's test is GPTQ's output
+    error on the group's linears with the scales against without."""
+    m, inputs = block_with_inputs(tiny_model, tmp_path)
+    opts = Options(**{**SMALL, "w_bit": 3})
+    block = m.block(1, "cpu", torch.float32)
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    found = awq_search(block, m.arch, inputs, opts, clip=False, accept=lambda group, s, x: False)
+    assert all(torch.equal(before[k], v) for k, v in block.state_dict().items())
+    assert all(s["alpha"] is None and "turned_down" in s for s in found.stats["groups"].values())
+    accept = gptq_prefers_scales(block, opts)
+    group = block_groups(block, m.arch)[0]
+    x = found.inputs[group.linears[0]]  # the FP input: no group was scaled
+    h, _ = add_to_hessian(None, grid_sample(x, opts.grid_tokens, per_token=True), 0)
+    assert accept(group, torch.ones(x.shape[-1]), x) is False  # a tie stays unscaled
+
+    def error(s):
+        total = 0.0
+        for name in group.linears:
+            w = block.get_submodule(name).weight.data.float()
+            codes = gptq_codes(w * s, h / s[:, None] / s[None, :], opts.quant, actorder=opts.gptq_actorder)
+            total += output_error(w, dequantize_codes(*codes) / s, h)
+        return total
+
+    for seed in range(4):
+        s = torch.exp(torch.randn(x.shape[-1], generator=torch.Generator().manual_seed(seed)))
+        assert accept(group, s, x) == (error(s) < error(torch.ones_like(s))), seed
