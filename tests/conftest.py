@@ -13,6 +13,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # a private Prefect home: ephemeral-mode database and results never touch ~/.prefect
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="awqflow-prefect-"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# a Ray worker of an ephemeral-mode flow starts its own ephemeral server; on a loaded 2-core machine that
+# took longer than Prefect's default 20 s (2026-12-02: "Timed out while attempting to connect")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from pathlib import Path  # noqa: E402
 
