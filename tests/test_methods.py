@@ -16,6 +16,7 @@ from awqflow.stages.gptq import add_to_hessian, gptq_codes
 from awqflow.stages.method import BlockInputs
 from awqflow.stages.methods import method_named
 from awqflow.stages.methods.gptq import gptq_prefers_scales, output_error
+from awqflow.stages.methods.learned_rounding import starting_codes
 from awqflow.stages.model import open_model, run_block
 from awqflow.stages.quantize import dequantize_codes
 from awqflow.stages.scales import block_groups, grid_sample
@@ -60,13 +61,20 @@ def test_gptq_and_learned_rounding_lower_the_block_error_of_their_starting_point
     assert stats["round"]["loss_after"] < 0.5 * stats["round"]["loss_before"]  # on the tuning windows
 
 
-def test_learned_rounding_that_loses_on_held_out_windows_keeps_awqs_codes(tiny_model, tmp_path):
+def test_learned_rounding_that_loses_on_held_out_windows_keeps_the_better_start(tiny_model, tmp_path):
+    """awq-round's learned codes must beat both AWQ's own codes and GPTQ's on the scaled block on the
+    held-out windows; where they do not, the better of those two stands."""
     m, inputs = block_with_inputs(tiny_model, tmp_path)
     opts = Options(**{**SMALL, "round_lr": 5.0})  # steps far too big: the tuning cannot win
+    block = m.block(1, "cpu", torch.float32)
+    starts = starting_codes(block, m.arch, inputs, awq_search(block, m.arch, inputs, opts, clip=False).inputs, opts)
     awq_codes, _ = method_named("awq").quantize_block(m.block(1, "cpu", torch.float32), m.arch, inputs, opts)
+    assert all(torch.equal(a, b) for n in awq_codes for a, b in zip(starts["awq"][n], awq_codes[n]))
     codes, stats = method_named("awq-round").quantize_block(m.block(1, "cpu", torch.float32), m.arch, inputs, opts)
-    assert stats["round"]["kept"] is False and stats["round"]["heldout_samples"] == 2
-    assert all(torch.equal(a, b) for n in codes for a, b in zip(codes[n], awq_codes[n]))
+    r = stats["round"]
+    assert r["kept"] is False and r["heldout_samples"] == 2
+    assert r["start"] == min(r["heldout_losses_start"], key=r["heldout_losses_start"].get)
+    assert all(torch.equal(a, b) for n in codes for a, b in zip(codes[n], starts[r["start"]][n]))
 
 
 @pytest.mark.parametrize("method", NEW)

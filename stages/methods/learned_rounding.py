@@ -1,8 +1,9 @@
 """Learned rounding (issue 17): SignRound per block, from AWQ's scaled weights (`awq-round`) or from the
 plain weights (`round`), against the FP block's output on the calibration windows (sequential mode: the
 FP model's output of the block, on the quantized blocks' output). Some windows are held out of the
-tuning: the learned codes are kept only where they beat AWQ's own codes (awq-round; round: round to
-nearest) there, so a block can never end worse than AWQ left it."""
+tuning: the learned codes are kept only where they beat the starting codes there (awq-round: AWQ's own
+and GPTQ's on the scaled block, the better of the two standing otherwise; round: round to nearest), so
+a block can never end worse than AWQ or GPTQ would leave it."""
 
 import copy
 import logging
@@ -13,6 +14,7 @@ from awqflow.stages.block import AWQ_OPTIONS, awq_search, clip_ranges
 from awqflow.stages.clip import apply_clip
 from awqflow.stages.method import Method, quantized_linears, round_linears
 from awqflow.stages.methods.awq import scale_table
+from awqflow.stages.methods.gptq import GPTQ_OPTIONS, gptq_in_order
 from awqflow.stages.model import run_block
 from awqflow.stages.quantize import dequantize_codes, quantize_codes
 from awqflow.stages.signround import learn_rounding
@@ -32,14 +34,15 @@ def output_mse(block, codes: dict, hidden: torch.Tensor, kwargs: dict, target: t
     return float((run_block(trial, hidden, kwargs).float() - target.float()).pow(2).mean())
 
 
-def tune(block, arch, inputs, opts, target: torch.Tensor, start: dict | None = None) -> tuple[dict, dict]:
-    """SignRound from the block's current weights; the learned codes are kept only if they beat `start`
-    (default: the current weights rounded to nearest) on held-out windows."""
+def tune(block, arch, inputs, opts, target: torch.Tensor, starts: dict[str, dict] | None = None) -> tuple[dict, dict]:
+    """SignRound from the block's current weights; the learned codes are kept only if they beat every
+    code set in `starts` (default: the current weights rounded to nearest) on held-out windows, else
+    the best of those stands (with no window to hold out, the first)."""
     hidden, kwargs = inputs.hidden, inputs.kwargs
     n = hidden.shape[0]
     held = min(n // 4, HELD_OUT)
     fit = slice(0, n - held)
-    start = round_linears(block, arch, opts.quant) if start is None else start
+    starts = starts or {"nearest": round_linears(block, arch, opts.quant)}
     dtype = getattr(torch, opts.round_dtype)
     learned, stats = learn_rounding(
         block, quantized_linears(block, arch), hidden[fit], kwargs, target[fit], opts.quant,
@@ -49,20 +52,24 @@ def tune(block, arch, inputs, opts, target: torch.Tensor, start: dict | None = N
             "block %s, learned rounding step %d/%d: minibatch loss %.4g", inputs.index, step, opts.round_steps, loss
         ),
     )  # fmt: skip
+    best = next(iter(starts))
     if held:
         tail = slice(n - held, n)
-        stats["heldout_loss_start"] = output_mse(block, start, hidden[tail], kwargs, target[tail])
+        losses = {name: output_mse(block, c, hidden[tail], kwargs, target[tail]) for name, c in starts.items()}
+        best = min(losses, key=losses.get)
+        stats["heldout_losses_start"] = losses
         stats["heldout_loss_learned"] = output_mse(block, learned, hidden[tail], kwargs, target[tail])
-        stats["kept"] = stats["heldout_loss_learned"] < stats["heldout_loss_start"]
+        stats["kept"] = stats["heldout_loss_learned"] < losses[best]
     else:  # one window: learn_rounding's own guard on the tuning data is all there is
         stats["kept"] = not stats["fell_back"]
     stats["heldout_samples"] = held
-    verdict = "kept" if stats["kept"] else "not kept (the starting codes win on the held-out windows)"
+    stats["start"] = best
+    verdict = "kept" if stats["kept"] else f"not kept ({best}'s codes win on the held-out windows)"
     log.info(
         "block %s, learned rounding: output MSE %.4g -> %.4g on the tuning windows, %s",
         inputs.index, stats["loss_before"], stats["loss_after"], verdict,
     )  # fmt: skip
-    return (learned if stats["kept"] else start), stats
+    return (learned if stats["kept"] else starts[best]), stats
 
 
 def awq_codes(block, arch, linear_inputs: dict, opts) -> dict:
@@ -77,14 +84,21 @@ def awq_codes(block, arch, linear_inputs: dict, opts) -> dict:
     return codes
 
 
+def starting_codes(block, arch, inputs, linear_inputs: dict, opts) -> dict[str, dict]:
+    """What the learned codes must beat: AWQ's own clipped codes, and GPTQ's on the scaled block."""
+    return {
+        "awq": awq_codes(block, arch, linear_inputs, opts),
+        "gptq": gptq_in_order(copy.deepcopy(block), arch, inputs, opts),
+    }
+
+
 def awq_round_block(block, arch, inputs, opts):
     # Tuned from AWQ's scaled weights unclipped: the learned range factors clip (bundled model, w4 g128,
-    # sequential: ppl / KL 50.634 / 0.00103 from the clipped weights, 50.614 / 0.00098 unclipped). AWQ's
-    # own clipped codes are what the learned ones must beat on the held-out windows.
+    # sequential: ppl / KL 50.634 / 0.00103 from the clipped weights, 50.614 / 0.00098 unclipped).
     stats, fp_out, linear_inputs = awq_search(block, arch, inputs, opts, clip=False)
     target = fp_out if inputs.fp_target is None else inputs.fp_target  # fp_out: the FP block on inputs.hidden
-    start = awq_codes(block, arch, linear_inputs, opts)
-    codes, stats["round"] = tune(block, arch, inputs, opts, target, start)
+    starts = starting_codes(block, arch, inputs, linear_inputs, opts)
+    codes, stats["round"] = tune(block, arch, inputs, opts, target, starts)
     return codes, stats
 
 
@@ -104,7 +118,8 @@ def round_table(stats: dict) -> list[dict]:
     )
     for block, s in sorted(stats.items(), key=lambda kv: int(kv[0])):
         r = s["round"]
-        rows.append({"block": int(block), "group": "learned rounding " + ("kept" if r["kept"] else "not kept"),
+        verdict = "kept" if r["kept"] else f"not kept: {r['start']}'s codes"
+        rows.append({"block": int(block), "group": "learned rounding " + verdict,
                      "alpha": None, "loss_identity": float(f"{r['loss_before']:.4g}"),
                      "loss": float(f"{r['loss_after']:.4g}"), "scale_mean": None, "max_over_mean": None,
                      "share_over_5x_mean": None})  # fmt: skip
@@ -113,7 +128,7 @@ def round_table(stats: dict) -> list[dict]:
 
 ROUND_OPTIONS = ("round_steps", "round_lr", "round_batch_size", "round_dtype", "round_patience", "seed")
 AWQ_ROUND = Method(
-    "awq-round", awq_round_block, needs_inputs=True, options=(*AWQ_OPTIONS, *ROUND_OPTIONS),
+    "awq-round", awq_round_block, needs_inputs=True, options=(*AWQ_OPTIONS, *ROUND_OPTIONS, *GPTQ_OPTIONS),
     table=round_table, fp_targets=True, mode="sequential",
 )  # fmt: skip
 ROUND = Method(
