@@ -134,12 +134,13 @@ def search_block(
             found.append((group, *search_scales(block, group, x, qcfg, scfg, kwargs)))
     stats = {}
     for group, s, info in found:
+        key = group.prev + "->" + ",".join(group.linears)
         if accept is not None and not accept(group, s, inputs[group.linears[0]]):
-            stats[group.prev + "->" + ",".join(group.linears)] = {**info, "alpha": None, "turned_down": info["alpha"]}
+            stats[key] = {**info, "alpha": None, "turned_down": info["alpha"]}
             continue
         apply_scales(block, group, s)
         inputs[group.linears[0]] = inputs[group.linears[0]] / s.to(inputs[group.linears[0]].dtype)
-        stats[group.prev + "->" + ",".join(group.linears)] = info
+        stats[key] = info
     if clip:
         for name, max_val in clip_ranges(block, arch, inputs, qcfg).items():
             apply_clip(block.get_submodule(name).weight, max_val)

@@ -15,6 +15,11 @@ from awqflow.stages.quantize import dequantize_codes, quantize_codes
 from awqflow.stages.scales import grid_sample
 
 
+def gptq_with(w: torch.Tensor, h: torch.Tensor, opts, name: str = ""):
+    """gptq_codes with a run's GPTQ options."""
+    return gptq_codes(w.float(), h, opts.quant, opts.gptq_block_size, opts.gptq_damp, name, opts.gptq_actorder)
+
+
 @torch.no_grad()
 def gptq_in_order(block: nn.Module, arch, inputs, opts) -> dict:
     """GPTQ codes for every quantized linear, from one pass of all the windows at once: each linear,
@@ -34,9 +39,7 @@ def gptq_in_order(block: nn.Module, arch, inputs, opts) -> dict:
             if last[0] is not x:
                 last[:] = [x, add_to_hessian(None, x, 0)[0]]
             w = lin.weight.data
-            codes[name] = gptq_codes(
-                w.float(), last[1], opts.quant, opts.gptq_block_size, opts.gptq_damp, name, opts.gptq_actorder
-            )
+            codes[name] = gptq_with(w, last[1], opts, name)
             lin.weight.data = dequantize_codes(*codes[name]).to(w.dtype)
 
         return hook
@@ -64,9 +67,7 @@ def gptq_prefers_scales(block: nn.Module, opts):
     model's w3 g128 AWQ's scales make that error worse in 8 of 11 groups."""
 
     def gptq(w, h):
-        return dequantize_codes(
-            *gptq_codes(w, h, opts.quant, opts.gptq_block_size, opts.gptq_damp, "", opts.gptq_actorder)
-        )
+        return dequantize_codes(*gptq_with(w, h, opts))
 
     def accept(group, s, x) -> bool:
         if group.routes_tokens:  # each expert sees its share of x: no Hessian of its own here
