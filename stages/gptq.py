@@ -120,10 +120,13 @@ def gptq_codes(
     U = _inverse_hessian_factor(H, damp, name).to(torch.float32)
     del H
 
-    codes = torch.empty(out_f, in_f, dtype=torch.int32, device=W.device)
+    # Columns as rows (W transposed): each step reads and updates contiguous memory, one op per update
+    Wt = W.t().contiguous()
+    codes_t = torch.empty(in_f, out_f, dtype=torch.int32, device=W.device)
+    diag = U.diagonal().tolist()
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
-        W1 = W[:, i1:i2].clone()  # this block, kept exactly up to date column by column
+        W1 = Wt[i1:i2].clone()  # this block, kept exactly up to date column by column
         Err1 = torch.zeros_like(W1)  # scaled errors of this block, applied to later blocks at the end
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
@@ -134,17 +137,17 @@ def gptq_codes(
                 # New group: its range is taken from its weights as updated so far. Columns past this
                 # block have not yet received this block's (lazy) update: apply it to a copy here.
                 end = col + g
-                group_w = W1[:, i : min(end, i2) - i1]
+                group_w = W1[i : min(end, i2) - i1]
                 if end > i2:
-                    group_w = torch.cat([group_w, W[:, i2:end] - Err1 @ U[i1:i2, i2:end]], dim=1)
-                _, s, z = quantize_codes(group_w, group_cfg)
+                    group_w = torch.cat([group_w, Wt[i2:end] - U[i1:i2, i2:end].t() @ Err1])
+                _, s, z = quantize_codes(group_w.t(), group_cfg)
                 scales[:, col // g], zeros[:, col // g] = s[:, 0], z[:, 0]
                 s, zf = s[:, 0], z[:, 0].float()
             # same rounding as quantize_codes, against this group's stored (fp16-exact) scale
-            q = (torch.round(W1[:, i] / s) + zf).clamp(0, qmax)
-            codes[:, columns[col]] = q.to(torch.int32)
-            err = (W1[:, i] - (q - zf) * s) / U1[i, i]
-            W1[:, i + 1 :] -= err[:, None] * U1[i, i + 1 :][None, :]  # compensate within the block
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # the whole block's compensation at once on later columns
+            q = torch.round(W1[i] / s).add_(zf).clamp_(0, qmax)
+            codes_t[columns[col]] = q.to(torch.int32)
+            err = torch.sub(W1[i], q.sub_(zf).mul_(s), out=Err1[i]).div_(diag[col])
+            W1[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1)  # compensate within the block
+        Wt[i2:] -= U[i1:i2, i2:].t() @ Err1  # the whole block's compensation at once on later columns
+    codes = codes_t.t().contiguous()
     return codes, scales, zeros

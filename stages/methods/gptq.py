@@ -15,6 +15,10 @@ from awqflow.stages.quantize import dequantize_codes, quantize_codes
 from awqflow.stages.scales import grid_sample
 
 
+class _AllQuantized(Exception):
+    """Raised once the last linear has its codes: the rest of the block's forward is not needed."""
+
+
 def gptq_with(w: torch.Tensor, h: torch.Tensor, opts, name: str = ""):
     """gptq_codes with a run's GPTQ options."""
     return gptq_codes(w.float(), h, opts.quant, opts.gptq_block_size, opts.gptq_damp, name, opts.gptq_actorder)
@@ -41,6 +45,8 @@ def gptq_in_order(block: nn.Module, arch, inputs, opts) -> dict:
             w = lin.weight.data
             codes[name] = gptq_with(w, last[1], opts, name)
             lin.weight.data = dequantize_codes(*codes[name]).to(w.dtype)
+            if len(codes) == len(linears):
+                raise _AllQuantized
 
         return hook
 
@@ -48,6 +54,8 @@ def gptq_in_order(block: nn.Module, arch, inputs, opts) -> dict:
     handles = [lin.register_forward_pre_hook(quantize_on_first_call(n)) for n, lin in linears.items()]
     try:
         block(inputs.hidden, **inputs.kwargs)
+    except _AllQuantized:
+        pass
     finally:
         for handle in handles:
             handle.remove()
