@@ -27,7 +27,7 @@ from awqflow.stages.perplexity import eval_windows, perplexities
 
 from conftest import CALIB, EVAL, FIXTURE
 
-PPL_TOLERANCE, KL_TOLERANCE = 5e-4, 0.01  # relative
+PPL_TOLERANCE, KL_TOLERANCE = 1e-3, 0.01  # relative (ppl: a second CPU model moved awq w4 g128 by 5.5e-4)
 RECORDED = os.path.join(os.path.dirname(__file__), "golden.json")
 CASES = {
     "awq-w4g128-full-grid": {"grid_stride": 1},
