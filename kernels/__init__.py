@@ -1,1 +1,21 @@
+"""awqflow.kernels: the Triton W4A16 kernels and their torch reference."""
 
+import sys
+
+if __name__ == "kernels":
+    # Python run from the repository root (python -m ..., a Prefect worker's flow run) finds this folder as
+    # the top-level package `kernels`, a name that belongs to Hugging Face's kernels package, which
+    # transformers imports at start-up: load that package in this one's place.
+    import importlib.machinery
+    import importlib.util
+    import os
+
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _spec = importlib.machinery.PathFinder.find_spec(
+        "kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
+    )
+    if _spec is None:
+        raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _module
+    _spec.loader.exec_module(_module)

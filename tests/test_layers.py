@@ -2,6 +2,8 @@
 above it, never importing each other, orchestration (pipeline, flows, CLI) on top."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,3 +27,15 @@ def test_no_import_goes_up_or_sideways(layer):
             if name.startswith(FORBIDDEN[layer]):
                 bad.append(f"{path.relative_to(ROOT)} imports {name}")
     assert bad == []
+
+
+def test_the_kernels_folder_does_not_stand_in_for_the_top_level_kernels_package():
+    """Python run from the repo root (python -m, a Prefect worker's flow run) has the root on sys.path, where
+    kernels/ would be found as the top-level package `kernels`: Hugging Face's, which transformers imports at
+    start-up (5.25: "cannot import name 'CUDAProperties' from 'kernels'")."""
+    code = (
+        "import os, transformers.activations, awqflow.kernels.reference\n"
+        "try:\n    import kernels\nexcept ModuleNotFoundError:\n    pass\n"
+        "else:\n    assert os.path.dirname(kernels.__file__) != os.path.abspath('kernels'), kernels.__file__\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
