@@ -15,7 +15,10 @@ if __name__ == "kernels":
         "kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
     )
     if _spec is None:
-        raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules["kernels"] = _module
-    _spec.loader.exec_module(_module)
+        # not installed: look like what Python makes of a bare folder (a namespace package, no __file__),
+        # which transformers takes for a shadow on sys.path, not an installed package
+        del globals()["__file__"]
+    else:
+        _module = importlib.util.module_from_spec(_spec)
+        sys.modules["kernels"] = _module
+        _spec.loader.exec_module(_module)
