@@ -1,7 +1,5 @@
 """awqflow.kernels: the Triton W4A16 kernels and their torch reference."""
 
-import sys
-
 if __name__ == "kernels":
     # Python run from the repository root (python -m ..., a Prefect worker's flow run) finds this folder as
     # the top-level package `kernels`, a name that belongs to Hugging Face's kernels package, which
@@ -9,6 +7,7 @@ if __name__ == "kernels":
     import importlib.machinery
     import importlib.util
     import os
+    import sys
 
     _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     _spec = importlib.machinery.PathFinder.find_spec(
