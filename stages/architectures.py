@@ -30,6 +30,11 @@ class ScaleGroup:
     # the candidates' tokens, so its candidates are evaluated one at a time
     routes_tokens: bool = False
 
+    @property
+    def key(self) -> str:
+        """How the scale statistics name the group: prev->linear,linear."""
+        return self.prev + "->" + ",".join(self.linears)
+
 
 @dataclass(frozen=True)
 class Architecture:

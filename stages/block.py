@@ -1,7 +1,6 @@
 """AWQ on one block (scale search -> clip search), and a block's tensors as the checkpoint stores them.
 Touches nothing outside the block."""
 
-from collections.abc import Callable
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -82,16 +81,19 @@ def output_mse(block: nn.Module, arch: Architecture, hidden, kwargs, qcfg: Quant
         return float((run_block(block, hidden, kwargs) - ref).float().pow(2).mean())
 
 
-def awq_search(
-    block: nn.Module, arch: Architecture, inputs, opts, clip: bool | None = None, accept=None
-) -> BlockSearch:
-    """search_block with the scale search a run's options ask for, and the clip search unless clip
-    (default: the options' clip) says otherwise (the AWQ-based methods)."""
-    scfg = SearchConfig(
+def search_config(opts) -> SearchConfig:
+    """The scale search a run's options ask for."""
+    return SearchConfig(
         n_grid=opts.n_grid, duo_scaling=opts.duo_scaling, grid_stride=opts.grid_stride, grid_tokens=opts.grid_tokens
     )
+
+
+def awq_search(block: nn.Module, arch: Architecture, inputs, opts, clip: bool | None = None) -> BlockSearch:
+    """search_block with the scale search a run's options ask for, and the clip search unless clip
+    (default: the options' clip) says otherwise (the AWQ-based methods)."""
+    scfg = search_config(opts)
     clip = opts.clip if clip is None else clip
-    return search_block(block, arch, inputs.hidden, inputs.kwargs, opts.quant, scfg, clip, accept)
+    return search_block(block, arch, inputs.hidden, inputs.kwargs, opts.quant, scfg, clip)
 
 
 def clip_ranges(block: nn.Module, arch: Architecture, inputs: dict, qcfg: QuantConfig) -> dict[str, torch.Tensor]:
@@ -114,14 +116,11 @@ def search_block(
     qcfg: QuantConfig,
     scfg: SearchConfig = SearchConfig(),
     clip: bool = True,
-    accept: Callable[[ScaleGroup, torch.Tensor, torch.Tensor], bool] | None = None,
 ) -> BlockSearch:
     """AWQ on one FP block, in place: searches all scales on the FP block first, then fuses them, then
     clips (on the scaled inputs), as AutoAWQ does. Returns the search statistics per group and the
     block's output error (MSE against the FP block, on the first STATS_SAMPLES windows) quantized plainly
-    (RTN) and after AWQ; the FP block's output on all of hidden; the linear inputs it captured, scaled.
-    accept(group, s, the group's FP input), when given, decides whether a group's scales are applied;
-    a group it turns down keeps s = 1 and its statistics say so (alpha None)."""
+    (RTN) and after AWQ; the FP block's output on all of hidden; the linear inputs it captured, scaled."""
     inputs, fp_out = collect_linear_inputs(block, arch, hidden, kwargs)
     # the RTN-vs-AWQ statistics only describe the result: a subsample of the windows is enough
     few, few_out = hidden[:STATS_SAMPLES], fp_out[:STATS_SAMPLES]
@@ -134,13 +133,9 @@ def search_block(
             found.append((group, *search_scales(block, group, x, qcfg, scfg, kwargs)))
     stats = {}
     for group, s, info in found:
-        key = group.prev + "->" + ",".join(group.linears)
-        if accept is not None and not accept(group, s, inputs[group.linears[0]]):
-            stats[key] = {**info, "alpha": None, "turned_down": info["alpha"]}
-            continue
         apply_scales(block, group, s)
         inputs[group.linears[0]] = inputs[group.linears[0]] / s.to(inputs[group.linears[0]].dtype)
-        stats[key] = info
+        stats[group.key] = info
     if clip:
         for name, max_val in clip_ranges(block, arch, inputs, qcfg).items():
             apply_clip(block.get_submodule(name).weight, max_val)

@@ -11,11 +11,11 @@ from test_pack import autoawq_packing_utils
 
 from awqflow import pipeline
 from awqflow.options import Options
-from awqflow.stages.block import awq_search, checkpoint_tensors
+from awqflow.stages.block import awq_search, checkpoint_tensors, collect_linear_inputs
 from awqflow.stages.gptq import add_to_hessian, gptq_codes
 from awqflow.stages.method import BlockInputs
 from awqflow.stages.methods import method_named
-from awqflow.stages.methods.gptq import gptq_prefers_scales, output_error
+from awqflow.stages.methods.gptq import awq_gptq_block, gptq_in_order, gptq_prefers_scales, output_error
 from awqflow.stages.methods.learned_rounding import starting_codes
 from awqflow.stages.model import open_model, run_block
 from awqflow.stages.quantize import dequantize_codes
@@ -168,20 +168,25 @@ def test_gptqs_error_with_scales_is_the_scaled_linears_own_output_error():
 
 
 def test_awq_gptq_turns_down_the_scales_gptq_does_better_without(tiny_model, tmp_path):
-    """A group whose scales the accept test turns down keeps s = 1: the block is left as it was and its
-    statistics row says alpha None, with the alpha it turned down. awq-gptq's test is GPTQ's output
-    error on the group's linears with the scales against without."""
+    """A group whose scales the accept test turns down keeps s = 1: with every group turned down,
+    awq-gptq is gptq (the same codes, the norms untouched) and its statistics rows say alpha None, with
+    the alpha it turned down. awq-gptq's test is GPTQ's output error on the group's linears with the
+    scales against without."""
     m, inputs = block_with_inputs(tiny_model, tmp_path)
     opts = Options(**{**SMALL, "w_bit": 3})
     block = m.block(1, "cpu", torch.float32)
     before = {k: v.clone() for k, v in block.state_dict().items()}
-    found = awq_search(block, m.arch, inputs, opts, clip=False, accept=lambda group, s, x: False)
-    assert all(torch.equal(before[k], v) for k, v in block.state_dict().items())
-    assert all(s["alpha"] is None and "turned_down" in s for s in found.stats["groups"].values())
-    accept = gptq_prefers_scales(block, opts)
+    codes, stats = awq_gptq_block(block, m.arch, inputs, opts, accept=lambda group, s, x: False)
+    assert codes.keys() and all(s["alpha"] is None and "turned_down" in s for s in stats["groups"].values())
+    assert len(stats["groups"]) == len(block_groups(block, m.arch))
+    plain = gptq_in_order(m.block(1, "cpu", torch.float32), m.arch, inputs, opts)
+    assert all(torch.equal(a, b) for n in plain for a, b in zip(codes[n], plain[n]))
+    assert all(torch.equal(before[k], v) for k, v in block.state_dict().items() if "norm" in k)
+    block = m.block(1, "cpu", torch.float32)
     group = block_groups(block, m.arch)[0]
-    x = found.inputs[group.linears[0]]  # the FP input: no group was scaled
+    x = collect_linear_inputs(block, m.arch, inputs.hidden, inputs.kwargs)[0][group.linears[0]]
     h, _ = add_to_hessian(None, grid_sample(x, opts.grid_tokens, per_token=True), 0)
+    accept = gptq_prefers_scales(block, opts)
     assert accept(group, torch.ones(x.shape[-1]), x) is False  # a tie stays unscaled
 
     def error(s):
@@ -195,3 +200,20 @@ def test_awq_gptq_turns_down_the_scales_gptq_does_better_without(tiny_model, tmp
     for seed in range(4):
         s = torch.exp(torch.randn(x.shape[-1], generator=torch.Generator().manual_seed(seed)))
         assert accept(group, s, x) == (error(s) < error(torch.ones_like(s))), seed
+
+
+def test_awq_gptq_keeps_codes_and_block_in_step_where_a_quantized_linear_takes_the_scales(tiny_model, tmp_path):
+    """With every group's scales kept, up -> down's 1/s lands on up_proj after GPTQ quantized it: its
+    rows' scales take it (divide_rows). The codes returned decode to exactly the block's weights, so the
+    checkpoint holds the block the method evaluated, and that block is closer to the FP one than RTN's."""
+    m, inputs = block_with_inputs(tiny_model, tmp_path)
+    opts = Options(**{**SMALL, "w_bit": 3})
+    block = m.block(1, "cpu", torch.float32)
+    codes, stats = awq_gptq_block(block, m.arch, inputs, opts, accept=lambda group, s, x: True)
+    assert stats["groups"]["mlp.up_proj->mlp.down_proj"]["alpha"] is not None
+    for name, c in codes.items():
+        assert torch.equal(block.get_submodule(name).weight.data, dequantize_codes(*c)), name
+    assert stats["output_mse_awq"] < stats["output_mse_rtn"], stats
+    fp = run_block(m.block(1, "cpu", torch.float32), inputs.hidden, inputs.kwargs)
+    rtn = quantized_output_mse(m, inputs, "rtn", opts)
+    assert float((run_block(block, inputs.hidden, inputs.kwargs) - fp).pow(2).mean()) < rtn
