@@ -15,7 +15,7 @@ from awqflow.stages.block import awq_search, checkpoint_tensors, collect_linear_
 from awqflow.stages.gptq import add_to_hessian, gptq_codes
 from awqflow.stages.method import BlockInputs
 from awqflow.stages.methods import method_named
-from awqflow.stages.methods.gptq import awq_gptq_block, gptq_in_order, gptq_prefers_scales, output_error
+from awqflow.stages.methods.gptq import awq_gptq_block, gptq_in_order, gptq_prefers_scales, output_error, record_inputs
 from awqflow.stages.methods.learned_rounding import starting_codes
 from awqflow.stages.model import open_model, run_block
 from awqflow.stages.quantize import dequantize_codes
@@ -217,3 +217,20 @@ def test_awq_gptq_keeps_codes_and_block_in_step_where_a_quantized_linear_takes_t
     fp = run_block(m.block(1, "cpu", torch.float32), inputs.hidden, inputs.kwargs)
     rtn = quantized_output_mse(m, inputs, "rtn", opts)
     assert float((run_block(block, inputs.hidden, inputs.kwargs) - fp).pow(2).mean()) < rtn
+
+
+def test_awq_gptq_searches_up_down_on_the_fp_input_of_down_proj_on_the_search_sample(tiny_model, tmp_path):
+    """up -> down's scales are searched on down_proj's input as the block computes it with gate / up in
+    full precision (recorded when the MLP's group is reached, before GPTQ quantizes them): on the tokens
+    the search samples, that is the FP block's own input of down_proj."""
+    m, inputs = block_with_inputs(tiny_model, tmp_path)
+    block = m.block(1, "cpu", torch.float32)
+    linear_inputs, _ = collect_linear_inputs(block, m.arch, inputs.hidden, inputs.kwargs)
+    mlp, down = (
+        next(g for g in block_groups(block, m.arch) if g.prev == p) for p in ("post_attention_layernorm", "mlp.up_proj")
+    )
+    max_tokens = 96
+    recorded = record_inputs(block, mlp, [down], (linear_inputs["mlp.gate_proj"],), {}, max_tokens)[down.key]
+    want = grid_sample(linear_inputs["mlp.down_proj"], max_tokens, per_token=True)
+    assert recorded.shape == want.shape and want.shape[0] <= max_tokens
+    torch.testing.assert_close(recorded, want)
