@@ -15,7 +15,7 @@ from awqflow.pipeline import cached_block, capture, plan, save
 from awqflow.stages.architectures import ARCHITECTURES, architecture_for
 from awqflow.stages.gptq import add_to_hessian, gptq_codes
 from awqflow.stages.method import BlockInputs, quantized_linears
-from awqflow.stages.methods.gptq import gptq_in_order
+from awqflow.stages.methods.gptq import awq_gptq_block, gptq_in_order
 from awqflow.stages.model import blocks_of, record_block_calls
 from awqflow.stages.moe import unfuse_experts
 from awqflow.stages.perplexity import perplexity
@@ -200,3 +200,28 @@ def test_quantize_save_load_and_perplexity(model_type, checkpoints):
     assert cos > 0.95, cos
     ppl = perplexity(model, windows)["ppl"]
     assert ppl == ppl and ppl < 4 * perplexity(fp, windows)["ppl"]
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_awq_gptq_keeps_every_scale_and_its_codes_match_the_block(model_type):
+    """awq-gptq with every group's scales kept, on each architecture: a group whose prev linear GPTQ
+    already quantized (up -> down, and v -> o where the widths match) takes 1/s in that linear's scales,
+    and the codes returned decode to exactly the weights of the block the method leaves behind."""
+    arch = architecture_for(model_type)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type)).double().eval()
+    if arch.fused_experts:
+        unfuse_experts(blocks_of(model, arch), arch.fused_experts)
+        model.double()
+    randomize(model, model_type)
+    ids = torch.randint(0, VOCAB, (1, 48), generator=torch.Generator().manual_seed(1))
+    block = blocks_of(model, arch)[0]
+    ((hidden, kwargs),) = record_block_calls(model, arch, 1, input_ids=ids)
+    codes, stats = awq_gptq_block(
+        block, arch, BlockInputs(hidden, kwargs), Options(group_size=32), lambda g, s, x: True
+    )
+    assert codes.keys() == quantized_linears(block, arch).keys()
+    assert len(stats["groups"]) == len(block_groups(block, arch)) and not any(
+        "turned_down" in s for s in stats["groups"].values()
+    )
+    for name, c in codes.items():
+        assert torch.equal(block.get_submodule(name).weight.data, dequantize_codes(*c).double()), name

@@ -163,12 +163,13 @@ def awq_gptq_block(block, arch, inputs, opts, accept=None):
     group's `inspect` module is first called, its scales are searched on the input it gets (the linears
     before it already quantized), kept if accept (default gptq_prefers_scales) says GPTQ does better
     with them, fused, and that input divided by them; GPTQ then quantizes the group's linears on it. A
-    prev that is a linear (v -> o, up -> down) is already quantized there: its rows' scales take 1/s
-    (divide_rows). Against searching every group on the FP block first and then running GPTQ in order:
-    one block forward less (1.79x -> 1.32x awq's block time, bundled w3 g128), the same quality (w3
-    g128 ppl / KL 50.698 / 0.00410 -> 50.698 / 0.00409; w4 g128 50.571 / 0.00089 -> 50.572 / 0.00086).
-    AWQ's clipping is left out: it clamps weights before GPTQ can weigh the clamp's error (w4 g128:
-    50.605 / 0.00119 with it, 50.571 / 0.00089 without).
+    group whose prev is a linear (v -> o, up -> down) finds that linear quantized: it is searched on the
+    input recorded when the group before it was reached, with the linear still in full precision, and
+    the linear's rows' scales take 1/s (divide_rows). Against searching every group on the FP block
+    first and then running GPTQ in order: one block forward less (bundled w3 g128: 1.79x -> 1.30x awq's
+    block time; ppl / KL 50.698 / 0.00410 -> 50.692 / 0.00409; SmolLM2 w3 g64 18.156 / 0.56349 ->
+    17.990 / 0.55428). AWQ's clipping is left out: it clamps weights before GPTQ can weigh the clamp's
+    error (w4 g128: 50.605 / 0.00119 with it, 50.571 / 0.00089 without).
 
     Statistics: the groups' searches; output_mse_rtn and output_mse_awq, the block's output error on
     the first STATS_SAMPLES windows rounded to nearest and as this method quantized it."""
@@ -179,9 +180,8 @@ def awq_gptq_block(block, arch, inputs, opts, accept=None):
     rtn_mse = output_mse(block, arch, few, inputs.kwargs, qcfg, few_out)
     stats: dict = {}
     groups = block_groups(block, arch)
-    # a group whose prev is a linear (up -> down) is searched on its input as the block computes it with
-    # that linear still in full precision, recorded while it was (SmolLM2 w3 g64: ppl 18.156 so, 18.495
-    # on the input behind the GPTQ-quantized gate/up, 18.75 with no up -> down scales at all)
+    # inputs of the groups whose prev is a linear, with that linear in full precision (SmolLM2 w3 g64:
+    # 17.990 so, 18.495 on the input behind the GPTQ-quantized gate/up, 18.75 with no up -> down scales)
     fp_inputs: dict = {}
 
     def scale_hooks(codes, searching):
