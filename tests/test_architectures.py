@@ -217,7 +217,7 @@ def test_awq_gptq_keeps_every_scale_and_its_codes_match_the_block(model_type):
     block = blocks_of(model, arch)[0]
     ((hidden, kwargs),) = record_block_calls(model, arch, 1, input_ids=ids)
     codes, stats = awq_gptq_block(
-        block, arch, BlockInputs(hidden, kwargs), Options(group_size=32), lambda g, s, x: True
+        block, arch, BlockInputs(hidden, kwargs), Options(group_size=32), lambda g, s, x: (True, None)
     )
     assert codes.keys() == quantized_linears(block, arch).keys()
     assert len(stats["groups"]) == len(block_groups(block, arch)) and not any(

@@ -176,7 +176,7 @@ def test_awq_gptq_turns_down_the_scales_gptq_does_better_without(tiny_model, tmp
     opts = Options(**{**SMALL, "w_bit": 3})
     block = m.block(1, "cpu", torch.float32)
     before = {k: v.clone() for k, v in block.state_dict().items()}
-    codes, stats = awq_gptq_block(block, m.arch, inputs, opts, accept=lambda group, s, x: False)
+    codes, stats = awq_gptq_block(block, m.arch, inputs, opts, accept=lambda group, s, x: (False, None))
     assert codes.keys() and all(s["alpha"] is None and "turned_down" in s for s in stats["groups"].values())
     assert len(stats["groups"]) == len(block_groups(block, m.arch))
     plain = gptq_in_order(m.block(1, "cpu", torch.float32), m.arch, inputs, opts)
@@ -185,21 +185,25 @@ def test_awq_gptq_turns_down_the_scales_gptq_does_better_without(tiny_model, tmp
     block = m.block(1, "cpu", torch.float32)
     group = block_groups(block, m.arch)[0]
     x = collect_linear_inputs(block, m.arch, inputs.hidden, inputs.kwargs)[0][group.linears[0]]
-    h, _ = add_to_hessian(None, grid_sample(x, opts.grid_tokens, per_token=True), 0)
+    h, _ = add_to_hessian(None, x, 0)
     accept = gptq_prefers_scales(block, opts)
-    assert accept(group, torch.ones(x.shape[-1]), x) is False  # a tie stays unscaled
+    keep, codes = accept(group, torch.ones(x.shape[-1]), x)
+    assert keep is False and codes.keys() == set(group.linears)  # a tie stays unscaled
 
-    def error(s):
-        total = 0.0
-        for name in group.linears:
-            w = block.get_submodule(name).weight.data.float()
-            codes = gptq_codes(w * s, h / s[:, None] / s[None, :], opts.quant, actorder=opts.gptq_actorder)
-            total += output_error(w, dequantize_codes(*codes) / s, h)
-        return total
+    def gptq(s):
+        ws = {name: block.get_submodule(name).weight.data.float() for name in group.linears}
+        h_s = h / s[:, None] / s[None, :]
+        codes = {n: gptq_codes(w * s, h_s, opts.quant, actorder=opts.gptq_actorder) for n, w in ws.items()}
+        return sum(output_error(w, dequantize_codes(*codes[n]) / s, h) for n, w in ws.items()), codes
 
     for seed in range(4):
         s = torch.exp(torch.randn(x.shape[-1], generator=torch.Generator().manual_seed(seed)))
-        assert accept(group, s, x) == (error(s) < error(torch.ones_like(s))), seed
+        (with_s, codes_s), (without, codes_1) = gptq(s), gptq(torch.ones_like(s))
+        keep, codes = accept(group, s, x)
+        assert keep == (with_s < without), seed
+        # the winner's codes, as GPTQ on each linear alone gives them
+        for name, want in (codes_s if keep else codes_1).items():
+            torch.testing.assert_close(dequantize_codes(*codes[name]), dequantize_codes(*want), atol=1e-6, rtol=0)
 
 
 def test_awq_gptq_keeps_codes_and_block_in_step_where_a_quantized_linear_takes_the_scales(tiny_model, tmp_path):
@@ -209,7 +213,7 @@ def test_awq_gptq_keeps_codes_and_block_in_step_where_a_quantized_linear_takes_t
     m, inputs = block_with_inputs(tiny_model, tmp_path)
     opts = Options(**{**SMALL, "w_bit": 3})
     block = m.block(1, "cpu", torch.float32)
-    codes, stats = awq_gptq_block(block, m.arch, inputs, opts, accept=lambda group, s, x: True)
+    codes, stats = awq_gptq_block(block, m.arch, inputs, opts, accept=lambda group, s, x: (True, None))
     assert stats["groups"]["mlp.up_proj->mlp.down_proj"]["alpha"] is not None
     for name, c in codes.items():
         assert torch.equal(block.get_submodule(name).weight.data, dequantize_codes(*c)), name

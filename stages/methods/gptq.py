@@ -43,14 +43,15 @@ def gptq_in_order(block: nn.Module, arch, inputs, opts, scale_hooks=None) -> dic
 
     def quantize_on_first_call(name: str):
         def hook(lin, args):
-            if name in codes or searching:
+            if searching:
                 return
-            x = args[0]
-            if last[0] is not x:
-                last[:] = [x, add_to_hessian(None, x, 0)[0]]
-            w = lin.weight.data
-            codes[name] = gptq_with(w, last[1], opts, name)
-            lin.weight.data = dequantize_codes(*codes[name]).to(w.dtype)
+            if name not in codes:  # awq-gptq's accept test may have quantized it already
+                x = args[0]
+                if last[0] is not x:
+                    last[:] = [x, add_to_hessian(None, x, 0)[0]]
+                w = lin.weight.data
+                codes[name] = gptq_with(w, last[1], opts, name)
+                lin.weight.data = dequantize_codes(*codes[name]).to(w.dtype)
             if len(codes) == len(linears):
                 raise _AllQuantized
 
@@ -76,27 +77,34 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float
     return float(((d @ h) * d).sum())
 
 
+def gptq_rows(ws: list[torch.Tensor], h: torch.Tensor, opts, name: str = "") -> list:
+    """GPTQ codes of several linears that read one input, in one call: GPTQ rounds each output row on
+    its own (its groups' ranges and its error compensation are the row's alone), so the linears' rows
+    stacked give each one's codes, with one factorisation of H and one column loop."""
+    q, scales, zeros = gptq_with(torch.cat(ws), h, opts, name)
+    rows = [len(w) for w in ws]
+    return list(zip(q.split(rows), scales.split(rows), zeros.split(rows)))
+
+
 def gptq_prefers_scales(block: nn.Module, opts):
-    """awq-gptq's accept: whether GPTQ, on the group's input x, rounds the group's linears closer to
-    their outputs with the scales s (the weights times s, the inputs divided by s) than without, on at
-    most --grid-tokens of x's tokens, as the scale search measures. On the bundled model's w3 g128
-    AWQ's scales make that error worse in 8 of 11 groups."""
+    """awq-gptq's accept: (whether to keep s, the group's codes or None). GPTQ rounds the group's
+    linears on the Hessian of their input x, once as they are and once times s (x divided by s); s is
+    kept where that brings the linears closer to their FP outputs on x. The codes of the winner are
+    the ones the block's pass would compute on that input next, so they are returned for it to use.
+    On the bundled model's w3 g128 AWQ's scales make that error worse in 8 of 11 groups."""
 
-    def gptq(w, h):
-        return dequantize_codes(*gptq_with(w, h, opts))
-
-    def accept(group, s, x) -> bool:
+    def accept(group, s, x):
         if group.routes_tokens:  # each expert sees its share of x: no Hessian of its own here
-            return True
-        h = add_to_hessian(None, grid_sample(x, opts.grid_tokens, per_token=True), 0)[0]
+            return True, None
+        h = add_to_hessian(None, x, 0)[0]
         s = s.float()
-        h_scaled = h / s[:, None] / s[None, :]
-        plain = scaled = 0.0
-        for name in group.linears:
-            w = block.get_submodule(name).weight.data.float()
-            plain += output_error(w, gptq(w, h), h)
-            scaled += output_error(w, gptq(w * s, h_scaled) / s, h)
-        return scaled < plain
+        ws = [block.get_submodule(name).weight.data.float() for name in group.linears]
+        plain = gptq_rows(ws, h, opts, group.key)
+        scaled = gptq_rows([w * s for w in ws], h / s[:, None] / s[None, :], opts, group.key)
+        plain_error = sum(output_error(w, dequantize_codes(*c), h) for w, c in zip(ws, plain))
+        scaled_error = sum(output_error(w, dequantize_codes(*c) / s, h) for w, c in zip(ws, scaled))
+        keep = scaled_error < plain_error
+        return keep, dict(zip(group.linears, scaled if keep else plain))
 
     return accept
 
@@ -162,14 +170,16 @@ def awq_gptq_block(block, arch, inputs, opts, accept=None):
     """AWQ's scale search and GPTQ in one pass over all the windows, in the block's order. Where a scale
     group's `inspect` module is first called, its scales are searched on the input it gets (the linears
     before it already quantized), kept if accept (default gptq_prefers_scales) says GPTQ does better
-    with them, fused, and that input divided by them; GPTQ then quantizes the group's linears on it. A
-    group whose prev is a linear (v -> o, up -> down) finds that linear quantized: it is searched on the
-    input recorded when the group before it was reached, with the linear still in full precision, and
-    the linear's rows' scales take 1/s (divide_rows). Against searching every group on the FP block
-    first and then running GPTQ in order: one block forward less (bundled w3 g128: 1.79x -> 1.30x awq's
-    block time; ppl / KL 50.698 / 0.00410 -> 50.692 / 0.00409; SmolLM2 w3 g64 18.156 / 0.56349 ->
-    17.990 / 0.55428). AWQ's clipping is left out: it clamps weights before GPTQ can weigh the clamp's
-    error (w4 g128: 50.605 / 0.00119 with it, 50.571 / 0.00089 without).
+    with them on that input, and fused; the group's linears take the GPTQ codes the test computed, and
+    the pass goes on with the input divided by the scales kept. A group whose prev is a linear (v -> o,
+    up -> down) finds that linear quantized: it is searched on the input recorded when the group before
+    it was reached, with the linear still in full precision, and the linear's rows' scales take 1/s
+    (divide_rows). Taking the test's codes saves a GPTQ per linear (SmolLM2 w3 g64, blocks 5 and 15:
+    1.28-1.42x -> 1.13-1.19x awq's block time, block output error within 0.3 %). Against searching
+    every group on the FP block first and then running GPTQ in order: one block forward less (bundled
+    w3 g128: 1.79x -> 1.30x awq's block time; ppl / KL 50.698 / 0.00410 -> 50.692 / 0.00409; SmolLM2 w3
+    g64 18.156 / 0.56349 -> 17.990 / 0.55428). AWQ's clipping is left out: it clamps weights before
+    GPTQ can weigh the clamp's error (w4 g128: 50.605 / 0.00119 with it, 50.571 / 0.00089 without).
 
     Statistics: the groups' searches; output_mse_rtn and output_mse_awq, the block's output error on
     the first STATS_SAMPLES windows rounded to nearest and as this method quantized it."""
@@ -194,7 +204,7 @@ def awq_gptq_block(block, arch, inputs, opts, accept=None):
                 searching.append(group)
                 try:
                     s, info = search_scales(block, group, searched, qcfg, scfg, inputs.kwargs)
-                    keep = accept(group, s, searched)
+                    keep, group_codes = accept(group, s, x)
                 finally:
                     searching.clear()
                 if keep:
@@ -208,6 +218,10 @@ def awq_gptq_block(block, arch, inputs, opts, accept=None):
                     args, kwargs = ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
                 else:
                     stats[group.key] = {**info, "alpha": None, "turned_down": info["alpha"]}
+                for name, c in (group_codes or {}).items():
+                    lin = block.get_submodule(name)
+                    codes[name] = c
+                    lin.weight.data = dequantize_codes(*c).to(lin.weight.dtype)
                 followers = [g for g in groups if g.prev in group.linears]
                 if followers:
                     searching.append(group)
