@@ -21,6 +21,13 @@ class _AllQuantized(Exception):
     """Raised once the last linear has its codes: the rest of the block's forward is not needed."""
 
 
+def use_codes(codes: dict, name: str, lin: nn.Linear, c) -> None:
+    """Record a linear's codes and run it on their weights from now on: the codes saved always decode
+    to the weights the block ran with."""
+    codes[name] = c
+    lin.weight.data = dequantize_codes(*c).to(lin.weight.dtype)
+
+
 def gptq_with(w: torch.Tensor, h: torch.Tensor, opts, name: str = ""):
     """gptq_codes with a run's GPTQ options."""
     return gptq_codes(w.float(), h, opts.quant, opts.gptq_block_size, opts.gptq_damp, name, opts.gptq_actorder)
@@ -49,9 +56,7 @@ def gptq_in_order(block: nn.Module, arch, inputs, opts, scale_hooks=None) -> dic
                 x = args[0]
                 if last[0] is not x:
                     last[:] = [x, add_to_hessian(None, x, 0)[0]]
-                w = lin.weight.data
-                codes[name] = gptq_with(w, last[1], opts, name)
-                lin.weight.data = dequantize_codes(*codes[name]).to(w.dtype)
+                use_codes(codes, name, lin, gptq_with(lin.weight.data, last[1], opts, name))
             if len(codes) == len(linears):
                 raise _AllQuantized
 
@@ -211,9 +216,8 @@ def awq_gptq_block(block, arch, inputs, opts, accept=None):
                     stats[group.key] = info
                     apply_scales(block, group, s)
                     if group.prev in codes:
-                        codes[group.prev] = divide_rows(codes[group.prev], s)
                         prev = block.get_submodule(group.prev)
-                        prev.weight.data = dequantize_codes(*codes[group.prev]).to(prev.weight.dtype)
+                        use_codes(codes, group.prev, prev, divide_rows(codes[group.prev], s))
                     x = x / s.to(x.dtype)
                     args, kwargs = ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
                 else:
@@ -226,9 +230,7 @@ def awq_gptq_block(block, arch, inputs, opts, accept=None):
                     finally:
                         searching.clear()
                 for name, c in (group_codes or {}).items():
-                    lin = block.get_submodule(name)
-                    codes[name] = c
-                    lin.weight.data = dequantize_codes(*c).to(lin.weight.dtype)
+                    use_codes(codes, name, block.get_submodule(name), c)
                 return args, kwargs
 
             return hook
