@@ -71,12 +71,13 @@ def ours(a, tmp, label, extra, windows, reference):
     cmd += ["--group-size", str(a.group_size), *shlex.split(extra)]
     log(f"{label}: {shlex.join(cmd)}")
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=open(f"{out}.report", "w"), stderr=open(f"{out}.log", "w"))
+    # not <out>.report: that is the run's own folder of pictures (flows/plots.report_dir)
+    proc = subprocess.Popen(cmd, stdout=open(f"{out}.stdout.md", "w"), stderr=open(f"{out}.log", "w"))
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     if status:
         raise SystemExit(f"{label} failed ({status}); see {out}.log")
-    with open(f"{out}.report") as f:  # the run report's "Time per stage" table
+    with open(f"{out}.stdout.md") as f:  # the run report's "Time per stage" table
         stages = dict(re.findall(r"^\| (\w+) \| ([0-9.]+) \|$", f.read(), re.M))
     with open(os.path.join(out, "config.json")) as f:
         found = json.load(f)["awqflow"]["calibration_fingerprint"]
