@@ -10,7 +10,7 @@ from awqflow.stages.architectures import architecture_for
 from awqflow.stages.method import linears_of
 from awqflow.stages.model import OpenModel, run_block, skeleton
 from awqflow.stages.quantize import QuantConfig, dequantize_codes, quantize_codes
-from awqflow.stages.signround import learn_rounding, quantize_learned
+from awqflow.stages.signround import RoundToGrid, learn_rounding, quantize_learned
 
 from conftest import tiny_llama_config
 
@@ -114,6 +114,35 @@ def test_fake_quant_is_dequantize_codes_bit_for_bit(zero_point):
     assert torch.equal(w_hat, dequantize_codes(codes.reshape(48, 96).int(), scales, zeros.int()))
     (w_hat - w).pow(2).sum().backward()
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (v, f_min, f_max))
+
+
+def round_to_grid_by_autograd(wg, v, scales, zeros, qmax):
+    """RoundToGrid's reference: the same lines left to autograd, round() straight through."""
+    x = wg / scales[..., None] + v
+    codes = (x + (torch.round(x) - x).detach() + zeros[..., None]).clamp(0, qmax)
+    return (codes - zeros[..., None]) * scales[..., None]
+
+
+@pytest.mark.parametrize("w_bit", [3, 4])
+def test_round_to_grid_gradients_match_autograd(w_bit):
+    """The hand-written backward gives autograd's gradients, codes clamped at both ends included."""
+    gen = torch.Generator().manual_seed(5)
+    qmax = 2**w_bit - 1
+    wg = torch.randn(16, 4, 32, generator=gen)
+    v0 = torch.rand(16, 4, 32, generator=gen) - 0.5
+    s0 = 0.2 + torch.rand(16, 4, generator=gen)  # small scales: some codes fall outside [0, qmax]
+    z0 = torch.randint(0, qmax + 1, (16, 4), generator=gen).float()
+    upstream = torch.randn(16, 4, 32, generator=gen)
+    grads = []
+    for fn in (lambda *a: RoundToGrid.apply(*a)[0], round_to_grid_by_autograd):
+        v, s, z = (t.clone().requires_grad_() for t in (v0, s0, z0))
+        w_hat = fn(wg, v, s, z, qmax)
+        grads.append((w_hat.detach(), *torch.autograd.grad((w_hat * upstream).sum(), (v, s, z))))
+    shifted = torch.round(wg / s0[..., None] + v0) + z0[..., None]
+    assert (shifted < 0).any() and (shifted > qmax).any()
+    assert torch.equal(grads[0][0], grads[1][0])
+    for ours, ref in zip(grads[0][1:], grads[1][1:]):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_same_seed_is_bit_identical_and_block_is_untouched(toy):
