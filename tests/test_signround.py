@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+from awqflow.stages import signround
 from awqflow.stages.architectures import architecture_for
 from awqflow.stages.method import linears_of
 from awqflow.stages.model import OpenModel, run_block, skeleton
@@ -73,6 +74,18 @@ def test_returned_codes_are_what_was_evaluated(toy, learned, qcfg):
     result, stats = learned[qcfg]
     mse = output_mse(toy, {n: dequantize_codes(*q) for n, q in result.items()})
     assert mse == stats["loss_after"]  # same weights, same ops: equal, not just close
+
+
+def test_guard_losses_are_on_the_first_guard_samples(toy, monkeypatch):
+    """The before / after losses cost two block forwards on GUARD_SAMPLES samples, not on all of them."""
+    monkeypatch.setattr(signround, "GUARD_SAMPLES", 4)
+    block, kwargs, hidden, target = toy
+    qcfg = CONFIGS[0]
+    result, stats = run(toy, qcfg, steps=5)
+    first = (block, kwargs, hidden[:4], target[:4])
+    plain = {n: dequantize_codes(*quantize_codes(lin.weight, qcfg)) for n, lin in linears_of(block).items()}
+    assert stats["loss_before"] == output_mse(first, plain) != output_mse(toy, plain)
+    assert stats["loss_after"] == output_mse(first, {n: dequantize_codes(*q) for n, q in result.items()})
 
 
 @pytest.mark.parametrize("qcfg", CONFIGS + [QuantConfig(4, 32, zero_point=False)], ids=IDS + ["w4g32sym"])

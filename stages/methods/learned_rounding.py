@@ -67,7 +67,7 @@ def tune(block, arch, inputs, opts, target: torch.Tensor, starts: dict[str, dict
     stats["start"] = best
     verdict = "kept" if stats["kept"] else f"not kept ({best}'s codes win on the held-out windows)"
     log.info(
-        "block %s, learned rounding: output MSE %.4g -> %.4g on the tuning windows, %s",
+        "block %s, learned rounding: output MSE %.4g -> %.4g on tuning windows, %s",
         inputs.index, stats["loss_before"], stats["loss_after"], verdict,
     )  # fmt: skip
     return (learned if stats["kept"] else starts[best]), stats
@@ -111,7 +111,7 @@ def round_block(block, arch, inputs, opts):
 
 def round_table(stats: dict) -> list[dict]:
     """AWQ's scale rows (awq-round), then one row per block: the output MSE of its start and of the
-    learned rounding, on the tuning windows, and whether the held-out windows kept it."""
+    learned rounding, on (up to 16 of) the tuning windows, and whether the held-out windows kept it."""
     rows = (
         scale_table({b: s for b, s in stats.items() if "groups" in s})
         if any("groups" in s for s in stats.values())
