@@ -49,9 +49,10 @@ class RoundToGrid(torch.autograd.Function):
         s, z = scales[..., None], zeros[..., None]
         shifted = torch.round(wg / s + v) + z
         codes = shifted.clamp(0, qmax)
-        ctx.save_for_backward(wg, scales, codes - z, (shifted >= 0) & (shifted <= qmax))
+        signed = codes - z
+        ctx.save_for_backward(wg, scales, signed, (shifted >= 0) & (shifted <= qmax))
         ctx.mark_non_differentiable(codes)
-        return (codes - z) * s, codes
+        return signed * s, codes  # same expression as dequantize_codes
 
     @staticmethod
     def backward(ctx, grad, _):
@@ -86,7 +87,6 @@ def quantize_learned(w: torch.Tensor, v: torch.Tensor, f_min: torch.Tensor, f_ma
         zeros = torch.full_like(scales, half)
     # scales are stored as fp16: train against the stored value, so the evaluated weights are the saved ones
     scales = _straight_through(scales.to(torch.float16).float(), scales)
-    # same expression as dequantize_codes
     w_hat, codes = RoundToGrid.apply(wg, v, scales, zeros, qmax)
     return w_hat.reshape(out_f, in_f), codes, scales, zeros
 

@@ -111,7 +111,7 @@ def round_block(block, arch, inputs, opts):
 
 def round_table(stats: dict) -> list[dict]:
     """AWQ's scale rows (awq-round), then one row per block: the output MSE of its start and of the
-    learned rounding, on (up to 16 of) the tuning windows, and whether the held-out windows kept it."""
+    learned rounding, on the first signround.GUARD_SAMPLES tuning windows, and whether the held-out windows kept it."""
     rows = (
         scale_table({b: s for b, s in stats.items() if "groups" in s})
         if any("groups" in s for s in stats.values())
