@@ -2,6 +2,7 @@
 cached and resumed like AWQ, and their checkpoints decode through AutoAWQ's own decoder to exactly the
 weights the method computed."""
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -16,7 +17,7 @@ from awqflow.stages.gptq import add_to_hessian, gptq_codes
 from awqflow.stages.method import BlockInputs
 from awqflow.stages.methods import method_named
 from awqflow.stages.methods.gptq import awq_gptq_block, gptq_in_order, gptq_prefers_scales, output_error, record_inputs
-from awqflow.stages.methods.learned_rounding import starting_codes
+from awqflow.stages.methods.learned_rounding import held_out, starting_codes
 from awqflow.stages.model import open_model, run_block
 from awqflow.stages.quantize import dequantize_codes
 from awqflow.stages.scales import block_groups, grid_sample
@@ -75,6 +76,21 @@ def test_learned_rounding_that_loses_on_held_out_windows_keeps_the_better_start(
     assert r["kept"] is False and r["heldout_samples"] == 2
     assert r["start"] == min(r["heldout_losses_start"], key=r["heldout_losses_start"].get)
     assert all(torch.equal(a, b) for n in codes for a, b in zip(codes[n], starts[r["start"]][n]))
+
+
+def test_gptqs_start_never_sees_the_held_out_windows(tiny_model, tmp_path):
+    """The held-out windows judge GPTQ's codes against the learned ones, so, as for the learned codes,
+    GPTQ's Hessians come from the other windows only: its codes are those of GPTQ on the tuning windows."""
+    m, inputs = block_with_inputs(tiny_model, tmp_path)
+    opts = Options(**SMALL)
+    block = m.block(1, "cpu", torch.float32)
+    linear_inputs = awq_search(block, m.arch, inputs, opts, clip=False).inputs
+    starts = starting_codes(block, m.arch, inputs, linear_inputs, opts)
+    fit = replace(inputs, hidden=inputs.hidden[: inputs.hidden.shape[0] - held_out(inputs.hidden.shape[0])])
+    on_fit, on_all = (gptq_in_order(copy.deepcopy(block), m.arch, i, opts) for i in (fit, inputs))
+    assert held_out(inputs.hidden.shape[0]) == 2
+    assert all(torch.equal(a, b) for n in on_fit for a, b in zip(starts["gptq"][n], on_fit[n]))
+    assert not all(torch.equal(a, b) for n in on_all for a, b in zip(starts["gptq"][n], on_all[n]))
 
 
 @pytest.mark.parametrize("method", NEW)
