@@ -7,7 +7,7 @@ and prefect.yaml pass it through. Model and output paths are not options: they n
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from awqflow.stages.methods import METHODS, method_named
 from awqflow.stages.quantize import QuantConfig
@@ -69,6 +69,14 @@ class Options(BaseModel):
     round_patience: int = Field(
         0, ge=0, description="awq-round, round: stop once the best loss has not improved for this many steps (0: never)"
     )
+    e2e_epochs: float | None = Field(
+        None,
+        ge=0,
+        description="after the blocks: passes over the calibration windows of end-to-end tuning (group scales "
+        "and norm weights against the FP model's logits, codes fixed; holds the FP and quantized models in "
+        "float32 at once); 0: none; default: the method's (4 for awq-round, 0 for the others)",
+    )
+    e2e_lr: float = Field(3e-3, gt=0, description="end-to-end tuning: Adam learning rate of the factors (start at 1)")
     mode: Literal["parallel", "sequential"] | None = Field(
         None,
         description="parallel: every block searched on FP inputs (AutoAWQ); "
@@ -106,6 +114,19 @@ class Options(BaseModel):
     def block_mode(self) -> str:
         """The mode the blocks run in: the one asked for, else the method's."""
         return self.mode or method_named(self.method).mode
+
+    @field_validator("e2e_epochs")
+    @classmethod
+    def _end_to_end_needs_calibration(cls, value, info: ValidationInfo):
+        method = info.data.get("method")
+        if value and method in METHODS and not METHODS[method].needs_inputs:
+            raise ValueError(f"end-to-end tuning needs calibration windows; method {method} takes none: use another")
+        return value
+
+    @property
+    def end_to_end_epochs(self) -> float:
+        """Passes of end-to-end tuning: the ones asked for, else the method's."""
+        return method_named(self.method).e2e_epochs if self.e2e_epochs is None else self.e2e_epochs
 
     @property
     def quant(self) -> QuantConfig:

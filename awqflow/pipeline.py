@@ -2,6 +2,8 @@
 with each stage as a task and the blocks in parallel; tests and benchmarks that need no Prefect run
 the very same sequence with `LocalRunner`."""
 
+import copy
+import logging
 import os
 import shutil
 import time
@@ -12,19 +14,21 @@ import torch
 from transformers import AutoTokenizer
 
 from awqflow.evaluate import evaluate_checkpoints
+from awqflow.load import load_model
 from awqflow.options import Options
-from awqflow.stages.block import checkpoint_tensors
-from awqflow.stages.calibration import calibration_windows
+from awqflow.stages.block import checkpoint_tensors, load_block_tensors, scale_block_tensors
+from awqflow.stages.calibration import calibration_windows, held_out
 from awqflow.stages.capture import capture_block_inputs, embed_windows
-from awqflow.stages.method import BlockInputs, Method, linears_of
+from awqflow.stages.end_to_end import tune_end_to_end, windows_kl
+from awqflow.stages.method import BlockInputs, Method, linears_of, quantized_linears
 from awqflow.stages.methods import method_named
-from awqflow.stages.model import OpenModel, open_model, run_block
+from awqflow.stages.model import OpenModel, blocks_of, open_model, run_block
 from awqflow.stages.save import check_output_path, save_checkpoint
 from awqflow.storage.activations import ActivationStore
 from awqflow.storage.cache import BlockCache
 from awqflow.storage.fingerprint import code_fingerprint, key, model_fingerprint, tensor_fingerprint
-from awqflow.storage.gemm import dequantize_gemm
 
+log = logging.getLogger("awqflow.end_to_end")
 # Options that say how a run is executed, not what it computes: left out of the checkpoint's record.
 EXECUTION_OPTIONS = {"devices", "task_runner", "work_dir", "eval_text", "eval_seqlen"}
 
@@ -58,6 +62,16 @@ class Plan:
         if method.needs_inputs:
             parts.update(mode=o.block_mode, calibration=self.calib_fp)
         return key("block", self.model_fp, index, parts, self.code_fp)
+
+    def end_to_end_key(self, index: int) -> str:
+        o = self.options
+        parts = {"blocks": [self.block_key(i) for i in range(self.n_blocks)], "epochs": o.end_to_end_epochs}
+        parts.update(lr=o.e2e_lr, seed=o.seed, dtype=o.round_dtype)
+        return key("end-to-end", self.model_fp, index, parts, self.code_fp)
+
+    def result_key(self, index: int) -> str:
+        """Where block `index` of the checkpoint is cached: after end-to-end tuning when the run has one."""
+        return self.end_to_end_key(index) if self.options.end_to_end_epochs else self.block_key(index)
 
 
 def resolve_device(device: str | None) -> str:
@@ -183,25 +197,66 @@ def sequential_blocks(p: Plan, windows: torch.Tensor, cache_url: str, device: st
             cache.put(p.block_key(i), tensors, stats[i])
         else:
             tensors, stats[i] = hit
-            block.load_state_dict({k: v for k, v in tensors.items() if k in block.state_dict()}, strict=False)
-        load_fake_quant(block, tensors)
+        load_block_tensors(block, tensors)
         hidden = run_block(block, hidden, kwargs[i])
         if progress:
             progress(i + 1, p.n_blocks)
     return stats
 
 
-def load_fake_quant(block, tensors: dict) -> None:
-    """Put a block's quantized weights back into it as dense weights (to run it as quantized)."""
-    with torch.no_grad():
-        for name, lin in linears_of(block).items():
-            if f"{name}.qweight" in tensors:
-                w = dequantize_gemm(
-                    tensors[f"{name}.qweight"], tensors[f"{name}.qzeros"], tensors[f"{name}.scales"]
-                ).t()
-            else:  # 3-bit fake-quant weights, or a linear kept in full precision (MoE router)
-                w = tensors[f"{name}.weight"]
-            lin.weight.copy_(w.to(lin.weight.dtype))
+def end_to_end(p: Plan, windows: torch.Tensor, cache_url: str, device: str | None = None) -> dict:
+    """stages/end_to_end on the quantized blocks from the cache, the FP model as the reference; every
+    block's tensors go back into the cache under end_to_end_key, tuned if the tuning lowered the KL on the
+    held-out calibration windows (on the tuning windows when there are too few to hold any out), else as
+    the blocks left them. Returns the statistics; a finished tuning is replayed from the cache."""
+    cache = BlockCache(cache_url)
+    done = [cache.get(p.end_to_end_key(i)) for i in range(p.n_blocks)]
+    if all(done):
+        return done[0][1]
+    device = resolve_device(device)
+    o, arch = p.options, p.model.arch
+    tensors = []
+    for i in range(p.n_blocks):
+        hit = cache.get(p.block_key(i))
+        if hit is None:
+            raise KeyError(f"block {i} result is missing from the cache at {cache_url}: re-run to recompute it")
+        tensors.append(hit[0])
+    reference = load_model(p.model_dir, device, torch.float32)
+    model = copy.deepcopy(reference)
+    groups = {}
+    for i, block in enumerate(blocks_of(model, arch)):
+        load_block_tensors(block, tensors[i])
+        quantized = quantized_linears(block, arch)
+        for name, t in block.named_parameters():
+            owner = name.rpartition(".")[0]
+            if t.dim() == 1:
+                groups[f"{arch.blocks}.{i}.{name}"] = 1
+            elif owner in quantized:
+                groups[f"{arch.blocks}.{i}.{name}"] = o.quant.group_len(t.shape[-1])
+    windows = windows.to(device)
+    held = held_out(windows.shape[0])
+    fit, judge = windows[: windows.shape[0] - held], windows[windows.shape[0] - held :] if held else windows
+    kl_before = windows_kl(reference, model, judge)
+    report = lambda step, steps, loss: log.info("end-to-end tuning step %d/%d: minibatch KL %.4g", step, steps, loss)
+    factors, losses = tune_end_to_end(
+        reference, model, groups, fit, o.end_to_end_epochs, o.e2e_lr, o.seed, report, getattr(torch, o.round_dtype)
+    )
+    prefix = f"{arch.blocks}."
+    tuned = []
+    for i, block in enumerate(blocks_of(model, arch)):
+        mine = {k.removeprefix(f"{prefix}{i}."): f for k, f in factors.items() if k.startswith(f"{prefix}{i}.")}
+        tuned.append(scale_block_tensors(tensors[i], mine))
+        load_block_tensors(block, tuned[-1])
+    kl_after = windows_kl(reference, model, judge)
+    stats = {"kl_before": kl_before, "kl_after": kl_after, "kept": kl_after < kl_before, "steps": len(losses),
+             "judged_on": "held-out windows" if held else "tuning windows", "windows": judge.shape[0]}  # fmt: skip
+    log.info(
+        "end-to-end tuning: KL %.4g -> %.4g on %d %s, %s", kl_before, kl_after, judge.shape[0], stats["judged_on"],
+        "kept" if stats["kept"] else "not kept",
+    )  # fmt: skip
+    for i in range(p.n_blocks):
+        cache.put(p.end_to_end_key(i), tuned[i] if stats["kept"] else tensors[i], stats)
+    return stats
 
 
 def save(p: Plan, out_dir: str, cache_url: str) -> list[str]:
@@ -209,7 +264,7 @@ def save(p: Plan, out_dir: str, cache_url: str) -> list[str]:
 
     def blocks():
         for i in range(p.n_blocks):
-            hit = cache.get(p.block_key(i))
+            hit = cache.get(p.result_key(i))
             if hit is None:
                 raise KeyError(f"block {i} result is missing from the cache at {cache_url}: re-run to recompute it")
             yield i, {arch.checkpoint_name(k): v for k, v in hit[0].items()}  # cached under module names
@@ -270,7 +325,7 @@ def timed(timings: dict, name: str):
 
 
 def run(model: str, out: str, options: Options, runner=None) -> dict:
-    """Quantize `model` into `out`: plan -> [calibrate -> capture] -> blocks -> save -> [evaluate].
+    """Quantize `model` into `out`: plan -> [calibrate -> capture] -> blocks -> [end-to-end] -> save -> [evaluate].
     Block results are cached by content in the work dir, so a rerun (or a run after a crash) redoes
     nothing that finished. With options.eval_text, FP, RTN and the method's checkpoint are evaluated on
     the same windows (perplexity, and KL to the FP model's logits)."""
@@ -313,6 +368,10 @@ def run(model: str, out: str, options: Options, runner=None) -> dict:
                 )
         with timed(timings, "blocks"):
             stats = runner.blocks(p, cache_url, store_path, devices)
+    tuning = None
+    if o.end_to_end_epochs:
+        with timed(timings, "end_to_end"):
+            tuning = runner.stage("end-to-end", end_to_end, p, windows, cache_url, devices[0])
     with timed(timings, "save"):
         files = runner.stage("save", save, p, out, cache_url)
 
@@ -334,6 +393,7 @@ def run(model: str, out: str, options: Options, runner=None) -> dict:
         "bytes": sum(os.path.getsize(f) for f in files),
         "timings": timings,
         "stats": stats,
+        "end_to_end": tuning,
         "perplexity": table,
         "plan": p,
     }

@@ -13,7 +13,7 @@ from awqflow.stages.method import Codes, linears_of, quantized_linears
 from awqflow.stages.model import run_block
 from awqflow.stages.quantize import QuantConfig, dequantize_codes, fake_quantize
 from awqflow.stages.scales import SearchConfig, apply_scales, block_groups, search_scales
-from awqflow.storage.gemm import pack_gemm
+from awqflow.storage.gemm import dequantize_gemm, pack_gemm
 
 STATS_SAMPLES = 8  # windows the block's RTN / AWQ output errors are measured on
 SCALE_OPTIONS = ("n_grid", "grid_stride", "grid_tokens", "duo_scaling")  # the Options fields awq_search reads
@@ -161,4 +161,34 @@ def checkpoint_tensors(block: nn.Module, codes: dict[str, Codes], qcfg: QuantCon
     for key, value in block.state_dict().items():
         if key.rpartition(".")[0] not in codes:
             out[key] = value.clone()
+    return out
+
+
+@torch.no_grad()
+def load_block_tensors(block: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Put checkpoint_tensors' output back into the block, its quantized weights dequantized: the block
+    then computes what the checkpoint will."""
+    own = block.state_dict()
+    block.load_state_dict({k: v for k, v in tensors.items() if k in own}, strict=False)
+    for name, lin in linears_of(block).items():
+        if f"{name}.qweight" in tensors:
+            w = dequantize_gemm(tensors[f"{name}.qweight"], tensors[f"{name}.qzeros"], tensors[f"{name}.scales"]).t()
+            lin.weight.copy_(w.to(lin.weight.dtype))
+
+
+@torch.no_grad()
+def scale_block_tensors(tensors: dict[str, torch.Tensor], factors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """checkpoint_tensors' output with end-to-end factors applied ({parameter name in the block: factor}):
+    a quantized linear's factor per (output channel, group) multiplies its group scales (the packed
+    layout's (groups, out) scales, or the 3-bit fake-quant weight: the same codes on the new scales); a
+    1-D parameter's, each element."""
+    out = dict(tensors)
+    for name, f in factors.items():
+        scales = name.removesuffix(".weight") + ".scales"
+        if scales in tensors:
+            out[scales] = (tensors[scales].float() * f.t().to(tensors[scales].device)).to(tensors[scales].dtype)
+        else:
+            t = tensors[name]
+            f = f.to(t.device).repeat_interleave(t.shape[-1] // f.shape[-1], dim=-1)
+            out[name] = (t.float() * f).to(t.dtype)
     return out

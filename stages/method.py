@@ -43,6 +43,7 @@ class Method:
     # before it (AutoRound's quantized inputs with FP targets); costs one more block forward
     fp_targets: bool = False
     mode: str = "parallel"  # the blocks' mode when the run asks for none (Options.mode)
+    e2e_epochs: float = 0  # end-to-end tuning after the blocks when the run asks for none (Options.e2e_epochs)
 
 
 def linears_of(block: nn.Module) -> dict[str, nn.Linear]:

@@ -18,7 +18,7 @@ def eval_windows(tokenizer, text: str, seqlen: int) -> torch.Tensor:
     return ids[: n * seqlen].view(n, seqlen)
 
 
-def _log_probs(model, batch: torch.Tensor) -> torch.Tensor:
+def log_probs(model, batch: torch.Tensor) -> torch.Tensor:
     """log P(next token) at every position but the last, float32 (batch * (seqlen - 1), vocab)."""
     logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
     return F.log_softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
@@ -37,7 +37,7 @@ def perplexities(models: dict, windows: torch.Tensor, reference: str | None = No
             log_ref = None
             for label in sorted(models, key=lambda k: k != reference):  # the reference first
                 model = models[label]
-                log_p = _log_probs(model, batch.to(next(model.parameters()).device))
+                log_p = log_probs(model, batch.to(next(model.parameters()).device))
                 nll[label] += float(F.nll_loss(log_p, target.to(log_p.device), reduction="sum"))
                 if label == reference:
                     log_ref = log_p

@@ -117,6 +117,11 @@ def test_bad_option_values(model, tmp_path, flag, value, needle):
     assert_refused(quantize(model, tmp_path / "o", flag, value), needle)
 
 
+def test_end_to_end_tuning_without_calibration(model, tmp_path):
+    proc = quantize(model, tmp_path / "o", "--method", "rtn", "--e2e-epochs", "2")
+    assert_refused(proc, "e2e_epochs=2.0: end-to-end tuning needs calibration windows; method rtn takes none")
+
+
 def test_nan_weights(model, tmp_path):
     state = load_file(model / "model.safetensors")
     state["model.embed_tokens.weight"][:, 5] = float("nan")
@@ -189,3 +194,6 @@ def test_learned_rounding_shows_its_progress_per_block_in_the_terminal(model, tm
     for i in (0, 1):
         assert f"block {i}, learned rounding step 50/60: minibatch loss " in proc.stderr, proc.stderr[-3000:]
         assert f"block {i}, learned rounding: output MSE " in proc.stderr, proc.stderr[-3000:]
+    # then the end-to-end tuning (3 windows tuned on, 1 held out: 3 steps), and its verdict
+    assert "end-to-end tuning step 3/3: minibatch KL " in proc.stderr, proc.stderr[-3000:]
+    assert "end-to-end tuning: KL " in proc.stderr and " on 1 held-out windows, " in proc.stderr, proc.stderr[-3000:]

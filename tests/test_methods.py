@@ -13,11 +13,12 @@ from test_pack import autoawq_packing_utils
 from awqflow import pipeline
 from awqflow.options import Options
 from awqflow.stages.block import awq_search, checkpoint_tensors, collect_linear_inputs
+from awqflow.stages.calibration import held_out
 from awqflow.stages.gptq import add_to_hessian, gptq_codes
 from awqflow.stages.method import BlockInputs
 from awqflow.stages.methods import method_named
 from awqflow.stages.methods.gptq import awq_gptq_block, gptq_in_order, gptq_prefers_scales, output_error, record_inputs
-from awqflow.stages.methods.learned_rounding import held_out, starting_codes
+from awqflow.stages.methods.learned_rounding import starting_codes
 from awqflow.stages.model import open_model, run_block
 from awqflow.stages.quantize import dequantize_codes
 from awqflow.stages.scales import block_groups, grid_sample

@@ -12,6 +12,7 @@ from dataclasses import replace
 import torch
 
 from awqflow.stages.block import AWQ_OPTIONS, awq_search, clip_ranges
+from awqflow.stages.calibration import held_out
 from awqflow.stages.clip import apply_clip
 from awqflow.stages.method import Method, quantized_linears, round_linears
 from awqflow.stages.methods.awq import scale_table
@@ -21,16 +22,7 @@ from awqflow.stages.quantize import dequantize_codes, quantize_codes
 from awqflow.stages.signround import learn_rounding
 
 log = logging.getLogger("awqflow.round")
-# Windows held out of the tuning to judge it: a quarter, at most 4. Each one held out is one fewer to tune on
-# (bundled w4 g128, 128 windows, ppl / KL: 50.614 / 0.00098 holding out 32, 50.597 / 0.00090 holding out 8;
-# SmolLM2 w4 g64, 32 windows, bf16, 150 steps: 11.044 / 0.08001 holding out 8, 10.960 / 0.07666 holding out 4)
-HELD_OUT = 4
 PROGRESS_EVERY = 50  # steps between progress lines (terminal and Prefect UI)
-
-
-def held_out(n: int) -> int:
-    """How many of n calibration windows (the last ones) are held out of every fit, to judge it."""
-    return min(n // 4, HELD_OUT)
 
 
 def output_mse(block, codes: dict, hidden: torch.Tensor, kwargs: dict, target: torch.Tensor) -> float:
@@ -141,7 +133,7 @@ def round_table(stats: dict) -> list[dict]:
 ROUND_OPTIONS = ("round_steps", "round_lr", "round_batch_size", "round_dtype", "round_patience", "seed")
 AWQ_ROUND = Method(
     "awq-round", awq_round_block, needs_inputs=True, options=(*AWQ_OPTIONS, *ROUND_OPTIONS, *GPTQ_OPTIONS),
-    table=round_table, fp_targets=True, mode="sequential",
+    table=round_table, fp_targets=True, mode="sequential", e2e_epochs=4,
 )  # fmt: skip
 ROUND = Method(
     "round", round_block, needs_inputs=True, options=ROUND_OPTIONS, table=round_table, fp_targets=True,

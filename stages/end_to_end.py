@@ -1,0 +1,95 @@
+"""End-to-end tuning, after every block is quantized: the codes and zero points stay as the blocks left
+them; each quantized linear's group scales and each block's 1-D parameters (norm weights, biases) are
+multiplied by a learned factor, trained with Adam on the mean KL(P_fp || P_quantized) of the next-token
+distributions over the calibration windows (EfficientQAT's end-to-end step, its scales only).
+
+The per-block objectives see a block's own output; this one sees what the blocks after it and the head
+make of it. Bundled model, w3 g128 awq-round, 124 windows tuned on, 4 passes, lr 3e-3: eval KL 0.00405
+-> 0.00360, ppl 50.782 -> 50.737 (AutoRound on the same windows: 0.00377, 50.733).
+
+    W_hat = (q - z) * (s * f_group)        norm weight, bias: t * f,   every f starting at 1
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from awqflow.stages.perplexity import log_probs
+
+BATCH = 4  # windows a step
+PROGRESS_EVERY = 10  # steps between progress calls
+
+
+class GroupFactor(nn.Module):
+    """t times a learned factor per group of `group` consecutive elements along the last dimension."""
+
+    def __init__(self, shape: tuple[int, ...], group: int, device):
+        super().__init__()
+        self.group = group
+        self.factor = nn.Parameter(torch.ones(*shape[:-1], shape[-1] // group, device=device))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return t * self.factor.repeat_interleave(self.group, dim=-1)
+
+
+def mean_kl(reference: nn.Module, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Mean over the predicted positions of KL(P_reference || P_model)."""
+    with torch.no_grad():
+        log_p = log_probs(reference, ids)
+    return F.kl_div(log_probs(model, ids), log_p, log_target=True, reduction="batchmean")
+
+
+@torch.no_grad()
+def windows_kl(reference: nn.Module, model: nn.Module, windows: torch.Tensor) -> float:
+    return sum(float(mean_kl(reference, model, w)) * w.shape[0] for w in windows.split(BATCH)) / windows.shape[0]
+
+
+def tune_end_to_end(
+    reference: nn.Module,
+    model: nn.Module,
+    groups: dict[str, int],
+    windows: torch.Tensor,
+    epochs: float,
+    lr: float,
+    seed: int = 0,
+    progress=None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Learn a factor for every parameter of `model` named in `groups` ({name: group length along its last
+    dimension; 1 for one factor per element}), `epochs` passes over `windows` in batches of BATCH, Adam
+    with a cosine-decaying lr, both models' forward passes autocast to `dtype`. Returns ({name: factor},
+    the minibatch losses); `model` is left as it was."""
+    device = windows.device
+    for t in model.parameters():
+        t.requires_grad_(False)
+    factors = {}
+    for name, group in groups.items():
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        parametrize.register_parametrization(module, attr, GroupFactor(getattr(module, attr).shape, group, device))
+        factors[name] = module.parametrizations[attr][0].factor
+    steps = math.ceil(epochs * windows.shape[0] / BATCH)
+    opt = torch.optim.Adam(factors.values(), lr=lr)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+    order = torch.Generator().manual_seed(seed)
+    losses = []
+    try:
+        for step in range(steps):
+            batch = windows[torch.randint(0, windows.shape[0], (min(BATCH, windows.shape[0]),), generator=order)]
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                loss = mean_kl(reference, model, batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            decay.step()
+            losses.append(float(loss.detach()))
+            if progress is not None and ((step + 1) % PROGRESS_EVERY == 0 or step + 1 == steps):
+                progress(step + 1, steps, losses[-1])
+    finally:
+        for name in groups:
+            owner, _, attr = name.rpartition(".")
+            parametrize.remove_parametrizations(model.get_submodule(owner), attr, leave_parametrized=False)
+    return {name: f.detach() for name, f in factors.items()}, losses
