@@ -204,6 +204,14 @@ def sequential_blocks(p: Plan, windows: torch.Tensor, cache_url: str, device: st
     return stats
 
 
+def stored_result(cache: BlockCache, key: str, index: int) -> tuple[dict, dict]:
+    """Block `index`'s cached (tensors, statistics), which an earlier stage of the run stored."""
+    hit = cache.get(key)
+    if hit is None:
+        raise KeyError(f"block {index} result is missing from the cache at {cache.url}: re-run to recompute it")
+    return hit
+
+
 def end_to_end(p: Plan, windows: torch.Tensor, cache_url: str, device: str | None = None) -> dict:
     """stages/end_to_end on the quantized blocks from the cache, the FP model as the reference; every
     block's tensors go back into the cache under end_to_end_key, tuned if the tuning lowered the KL on the
@@ -215,12 +223,7 @@ def end_to_end(p: Plan, windows: torch.Tensor, cache_url: str, device: str | Non
         return done[0][1]
     device = resolve_device(device)
     o, arch = p.options, p.model.arch
-    tensors = []
-    for i in range(p.n_blocks):
-        hit = cache.get(p.block_key(i))
-        if hit is None:
-            raise KeyError(f"block {i} result is missing from the cache at {cache_url}: re-run to recompute it")
-        tensors.append(hit[0])
+    tensors = [stored_result(cache, p.block_key(i), i)[0] for i in range(p.n_blocks)]
     reference = load_model(p.model_dir, device, torch.float32)
     model = copy.deepcopy(reference)
     groups = {}
@@ -264,10 +267,8 @@ def save(p: Plan, out_dir: str, cache_url: str) -> list[str]:
 
     def blocks():
         for i in range(p.n_blocks):
-            hit = cache.get(p.result_key(i))
-            if hit is None:
-                raise KeyError(f"block {i} result is missing from the cache at {cache_url}: re-run to recompute it")
-            yield i, {arch.checkpoint_name(k): v for k, v in hit[0].items()}  # cached under module names
+            tensors = stored_result(cache, p.result_key(i), i)[0]
+            yield i, {arch.checkpoint_name(k): v for k, v in tensors.items()}  # cached under module names
 
     meta = p.options.model_dump(exclude=EXECUTION_OPTIONS)
     meta.update(model_fingerprint=p.model_fp, calibration_fingerprint=p.calib_fp)
