@@ -35,11 +35,25 @@ class GroupFactor(nn.Module):
         return t * self.factor.repeat_interleave(self.group, dim=-1)
 
 
+def kl_to(log_p: torch.Tensor, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Mean over the predicted positions of KL(P || P_model), log P given as log_probs lays it out."""
+    return F.kl_div(log_probs(model, ids), log_p, log_target=True, reduction="batchmean")
+
+
 def mean_kl(reference: nn.Module, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Mean over the predicted positions of KL(P_reference || P_model)."""
     with torch.no_grad():
         log_p = log_probs(reference, ids)
-    return F.kl_div(log_probs(model, ids), log_p, log_target=True, reduction="batchmean")
+    return kl_to(log_p, model, ids)
+
+
+@torch.no_grad()
+def reference_logits(reference: nn.Module, windows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The reference's logits at every predicted position of every window, autocast to `dtype` as a
+    tuning step would compute them, kept on the CPU: (n, seqlen - 1, vocab). Computed once, they spare
+    every step its reference forward pass (bundled model: a fifth of a step; 520 MB in bf16)."""
+    with torch.autocast(windows.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        return torch.cat([reference(input_ids=w, use_cache=False).logits[:, :-1].cpu() for w in windows.split(BATCH)])
 
 
 @torch.no_grad()
@@ -75,12 +89,14 @@ def tune_end_to_end(
     opt = torch.optim.Adam(factors.values(), lr=lr)
     decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
     order = torch.Generator().manual_seed(seed)
+    targets = reference_logits(reference, windows, dtype)
     losses = []
     try:
         for step in range(steps):
-            batch = windows[torch.randint(0, windows.shape[0], (min(BATCH, windows.shape[0]),), generator=order)]
+            pick = torch.randint(0, windows.shape[0], (min(BATCH, windows.shape[0]),), generator=order)
+            log_p = F.log_softmax(targets[pick].to(device).float().flatten(0, 1), dim=-1)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                loss = mean_kl(reference, model, batch)
+                loss = kl_to(log_p, model, windows[pick])
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoTokenizer
@@ -16,7 +17,7 @@ from awqflow.load import load_model
 from awqflow.options import Options
 from awqflow.stages.block import checkpoint_tensors, load_block_tensors, scale_block_tensors
 from awqflow.stages.calibration import calibration_windows, held_out
-from awqflow.stages.end_to_end import tune_end_to_end, windows_kl
+from awqflow.stages.end_to_end import kl_to, mean_kl, reference_logits, tune_end_to_end, windows_kl
 from awqflow.stages.quantize import QuantConfig, dequantize_codes, fake_quantize, quantize_codes
 
 from conftest import CALIB
@@ -47,6 +48,21 @@ def test_tuning_lowers_the_kl_it_trains_on_and_gives_the_model_back_unchanged(ti
             t = model.get_parameter(name)
             t.mul_(f.repeat_interleave(groups[name], dim=-1))
     assert windows_kl(reference, model, windows) < 0.9 * before
+
+
+def test_logits_computed_once_give_the_kl_of_a_reference_pass_per_step(tiny_model):
+    reference = load_model(str(tiny_model))
+    model = copy.deepcopy(reference)
+    with torch.no_grad():
+        for t in model.model.layers.parameters():
+            t.add_(0.02 * torch.randn_like(t))
+    windows = windows_for(tiny_model)
+    targets = reference_logits(reference, windows, torch.float32)
+    assert targets.shape == (8, 63, reference.config.vocab_size) and targets.device.type == "cpu"
+    log_p = F.log_softmax(targets.flatten(0, 1), dim=-1)
+    with torch.no_grad():
+        assert torch.allclose(kl_to(log_p, model, windows), mean_kl(reference, model, windows), rtol=1e-4)
+    assert reference_logits(reference, windows, torch.bfloat16).dtype == torch.bfloat16
 
 
 class Block(nn.Module):
