@@ -74,7 +74,8 @@ class Options(BaseModel):
         ge=0,
         description="after the blocks: passes over the calibration windows of end-to-end tuning (group scales "
         "and norm weights against the FP model's logits, codes fixed; holds the FP and quantized models in "
-        "float32 at once); 0: none; default: the method's (4 for awq-round, 0 for the others)",
+        "float32 at once, and the FP logits of the calibration windows); 0: none; default: the method's (4 for "
+        "awq-round, 0 for the others)",
     )
     e2e_lr: float = Field(3e-3, gt=0, description="end-to-end tuning: Adam learning rate of the factors (start at 1)")
     mode: Literal["parallel", "sequential"] | None = Field(

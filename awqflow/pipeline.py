@@ -239,11 +239,12 @@ def end_to_end(p: Plan, windows: torch.Tensor, cache_url: str, device: str | Non
     windows = windows.to(device)
     held = held_out(windows.shape[0])
     fit, judge = windows[: windows.shape[0] - held], windows[windows.shape[0] - held :] if held else windows
-    kl_before = windows_kl(reference, model, judge)
     report = lambda step, steps, loss: log.info("end-to-end tuning step %d/%d: minibatch KL %.4g", step, steps, loss)
-    factors, losses = tune_end_to_end(
-        reference, model, groups, fit, o.end_to_end_epochs, o.e2e_lr, o.seed, report, getattr(torch, o.round_dtype)
-    )
+    factors, losses, judged = tune_end_to_end(
+        reference, model, groups, fit, o.end_to_end_epochs, o.e2e_lr, o.seed, report, getattr(torch, o.round_dtype),
+        judge,
+    )  # fmt: skip
+    kl_before = judged[0]
     prefix = f"{arch.blocks}."
     tuned = []
     for i, block in enumerate(blocks_of(model, arch)):
@@ -252,10 +253,11 @@ def end_to_end(p: Plan, windows: torch.Tensor, cache_url: str, device: str | Non
         load_block_tensors(block, tuned[-1])
     kl_after = windows_kl(reference, model, judge)
     stats = {"kl_before": kl_before, "kl_after": kl_after, "kept": kl_after < kl_before, "steps": len(losses),
-             "judged_on": "held-out windows" if held else "tuning windows", "windows": judge.shape[0]}  # fmt: skip
+             "kl_per_pass": judged, "judged_on": "held-out windows" if held else "tuning windows",
+             "windows": judge.shape[0]}  # fmt: skip
     log.info(
-        "end-to-end tuning: KL %.4g -> %.4g on %d %s, %s", kl_before, kl_after, judge.shape[0], stats["judged_on"],
-        "kept" if stats["kept"] else "not kept",
+        "end-to-end tuning: KL %.4g -> %.4g on %d %s (%d steps, %d passes judged), %s", kl_before, kl_after,
+        judge.shape[0], stats["judged_on"], len(losses), len(judged) - 1, "kept" if stats["kept"] else "not kept",
     )  # fmt: skip
     for i in range(p.n_blocks):
         cache.put(p.end_to_end_key(i), tuned[i] if stats["kept"] else tensors[i], stats)

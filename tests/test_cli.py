@@ -3,6 +3,7 @@ problem and the fix, with a non-zero exit, in seconds; the input model is never 
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -194,6 +195,6 @@ def test_learned_rounding_shows_its_progress_per_block_in_the_terminal(model, tm
     for i in (0, 1):
         assert f"block {i}, learned rounding step 50/60: minibatch loss " in proc.stderr, proc.stderr[-3000:]
         assert f"block {i}, learned rounding: output MSE " in proc.stderr, proc.stderr[-3000:]
-    # then the end-to-end tuning (3 windows tuned on, 1 held out: 3 steps), and its verdict
-    assert "end-to-end tuning step 3/3: minibatch KL " in proc.stderr, proc.stderr[-3000:]
+    # then the end-to-end tuning (3 windows tuned on, 1 held out: 3 steps, fewer if a pass did not help), its verdict
+    assert re.search(r"end-to-end tuning step [123]/3: minibatch KL ", proc.stderr), proc.stderr[-3000:]
     assert "end-to-end tuning: KL " in proc.stderr and " on 1 held-out windows, " in proc.stderr, proc.stderr[-3000:]

@@ -29,18 +29,23 @@ def windows_for(model_dir, n=8, seqlen=64):
     return calibration_windows(str(CALIB), AutoTokenizer.from_pretrained(model_dir), n, seqlen)
 
 
-def test_tuning_lowers_the_kl_it_trains_on_and_gives_the_model_back_unchanged(tiny_model):
-    reference = load_model(str(tiny_model))
-    model = copy.deepcopy(reference)
-    qcfg, groups = QuantConfig(3, 64), {}
+def quantized_copy(reference, qcfg):
+    """A copy of the tiny model with its blocks' matrices fake-quantized, and the groups to tune."""
+    model, groups = copy.deepcopy(reference), {}
     for name, t in model.model.layers.named_parameters():
         if t.dim() == 2:
             t.data = fake_quantize(t.data, qcfg)
         groups[f"model.layers.{name}"] = qcfg.group_len(t.shape[-1]) if t.dim() == 2 else 1
+    return model, groups
+
+
+def test_tuning_lowers_the_kl_it_trains_on_and_gives_the_model_back_unchanged(tiny_model):
+    reference = load_model(str(tiny_model))
+    model, groups = quantized_copy(reference, QuantConfig(3, 64))
     windows = windows_for(tiny_model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    factors, losses = tune_end_to_end(reference, model, groups, windows, epochs=4, lr=1e-2)
-    assert len(losses) == 8 and set(factors) == set(groups)
+    factors, losses, judged = tune_end_to_end(reference, model, groups, windows, epochs=4, lr=1e-2)
+    assert len(losses) == 8 and set(factors) == set(groups) and judged == []
     assert model.state_dict().keys() == state.keys() and all(v.equal(state[k]) for k, v in model.state_dict().items())
     before = windows_kl(reference, model, windows)
     with torch.no_grad():
@@ -48,6 +53,27 @@ def test_tuning_lowers_the_kl_it_trains_on_and_gives_the_model_back_unchanged(ti
             t = model.get_parameter(name)
             t.mul_(f.repeat_interleave(groups[name], dim=-1))
     assert windows_kl(reference, model, windows) < 0.9 * before
+
+
+@pytest.mark.parametrize("lr", [1e-2, 1.0])
+def test_judged_tuning_returns_its_best_pass_and_stops_at_the_first_that_does_not_improve(tiny_model, lr):
+    reference = load_model(str(tiny_model))
+    model, groups = quantized_copy(reference, QuantConfig(3, 64))
+    windows = windows_for(tiny_model, n=12)
+    fit, judge = windows[:8], windows[8:]
+    start = windows_kl(reference, model, judge)
+    factors, losses, judged = tune_end_to_end(reference, model, groups, fit, epochs=4, lr=lr, judge=judge)
+    assert judged[0] == pytest.approx(start, rel=1e-6)
+    passes = len(judged) - 1
+    assert len(losses) == 2 * passes  # 8 windows, 4 a step: 2 steps a pass
+    assert all(b < a for a, b in zip(judged[:-2], judged[1:-1]))  # every pass but the last improved
+    assert passes == 4 or judged[-1] >= min(judged[:-1])
+    with torch.no_grad():
+        for name, f in factors.items():
+            model.get_parameter(name).mul_(f.repeat_interleave(groups[name], dim=-1))
+    assert windows_kl(reference, model, judge) == pytest.approx(min(judged), rel=1e-4)
+    if lr == 1.0:  # a step this size only makes things worse: one pass, and the start comes back
+        assert passes == 1 and all(bool((f == 1).all()) for f in factors.values())
 
 
 def test_logits_computed_once_give_the_kl_of_a_reference_pass_per_step(tiny_model):
@@ -103,7 +129,8 @@ def test_factors_move_the_group_scales_and_leave_the_codes(w_bit):
 def test_awq_round_tunes_end_to_end_and_saves_what_the_held_out_windows_judged(tiny_model, tmp_path):
     result = pipeline.run(str(tiny_model), str(tmp_path / "q"), Options(method="awq-round", **SMALL))
     stats, held = result["end_to_end"], held_out(8)
-    assert stats["steps"] == math.ceil(4 * (8 - held) / 4) and stats["windows"] == held
+    passes = len(stats["kl_per_pass"]) - 1  # a pass: ceil(6 / 4) = 2 steps; the tuning stops at one that does not help
+    assert stats["steps"] == min(math.ceil(4 * (8 - held) / 4), 2 * passes) and stats["windows"] == held
     assert "end_to_end" in result["timings"]
     windows = windows_for(tiny_model)[8 - held :]
     saved = windows_kl(load_model(str(tiny_model)), load_model(str(tmp_path / "q")), windows)
