@@ -6,8 +6,9 @@ min/max, so that the quantized block's output stays close to the FP block's on c
     s = (max * f_max - min * f_min) / (2^b - 1),  z = clamp(round(-min * f_min / s), 0, 2^b - 1)
 
 V (one per weight) starts at 0 and the factors (one pair per group) at 1, i.e. at plain rounding
-(quantize_codes exactly). They are trained with signed-gradient steps on the MSE between the block's
-output with w_hat and the FP output, round() passing gradients straight through.
+(quantize_codes exactly), or V starts at given codes on that grid (GPTQ's, for awq-round). They are
+trained with signed-gradient steps on the MSE between the block's output with w_hat and the FP output,
+round() passing gradients straight through.
 
 Output is exactly what quantize_codes returns (int32 codes, fp16-rounded float32 scales, int32 zeros),
 so packing and fake-quant take it unchanged; dequantize_codes of it is bit for bit the weight the
@@ -31,6 +32,7 @@ FACTOR_RANGE = (0.5, 1.0)
 # Samples the before / after losses (and the fall-back guard) are measured on: all of them cost a
 # tenth of the bundled model's 200 steps (124 windows, two block forwards each), 16 a sixtieth.
 GUARD_SAMPLES = 16
+CROSSING = 0.05
 
 
 def _straight_through(exact: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -91,6 +93,17 @@ def quantize_learned(w: torch.Tensor, v: torch.Tensor, f_min: torch.Tensor, f_ma
     return w_hat.reshape(out_f, in_f), codes, scales, zeros
 
 
+def offsets_to(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, wg: torch.Tensor) -> torch.Tensor:
+    """The smallest V with round(wg / s + V) + z == codes, by a margin of CROSSING: 0 where the code is
+    the nearest grid point, just across the rounding boundary where it is the other neighbour (so that
+    the tuning can flip it back in a few steps); a code further away gets the neighbour on its side."""
+    pos = wg / scales[..., None]
+    target = codes.float() - zeros[..., None].float()
+    up, down = torch.floor(pos) + 0.5 - pos + CROSSING, torch.ceil(pos) - 0.5 - pos - CROSSING
+    v = torch.where(target > torch.round(pos), up, torch.where(target < torch.round(pos), down, 0.0))
+    return v.clamp(*V_RANGE)
+
+
 def _cast(obj, dtype):
     """Floating tensors in (nested tuples/lists/dicts of) kwargs to the tuning dtype."""
     if isinstance(obj, torch.Tensor):
@@ -117,6 +130,7 @@ def learn_rounding(
     progress=None,
     patience: int = 0,
     progress_every: int = 10,
+    start: dict | None = None,
 ):
     """SignRound on one block. Quantizes `linears` (name relative to the block -> module; the block's
     other linears stay as they are) starting from their current weights (which may carry AWQ scales and
@@ -129,6 +143,10 @@ def learn_rounding(
     minibatch loss (auto-round's rule; step 0 is plain rounding). Then one guard auto-round lacks:
     minibatch losses of different samples are noisy, so if the kept parameters do worse than plain
     rounding on the first GUARD_SAMPLES samples, plain rounding is returned (stats["fell_back"]).
+
+    `start` ({name: (codes, scales, zeros)} on quantize_codes' grid, e.g. GPTQ's codes) sets the offsets
+    V to the ones that round each weight to its start code, as far as [-0.5, 0.5] reaches; the guard
+    then compares with those codes instead of plain rounding.
 
     patience > 0 stops early once the best minibatch loss has not improved for `patience` steps
     (auto-round's dynamic_max_gap); 0 runs all steps. progress(step, minibatch_loss) is called every
@@ -173,7 +191,12 @@ def learn_rounding(
     for n in names:
         out_f, in_f = weights[n].shape
         g = qcfg.group_len(in_f)
-        v[n] = torch.zeros(out_f, in_f // g, g, device=x_all.device, requires_grad=True)
+        v[n] = torch.zeros(out_f, in_f // g, g, device=x_all.device)
+        if start is not None:
+            codes, scales, zeros = start[n]
+            wg = weights[n].reshape(out_f, in_f // g, g).float()
+            v[n] = offsets_to(codes.reshape(wg.shape), scales, zeros, wg)
+        v[n].requires_grad_(True)
         f_min[n] = torch.ones(out_f, in_f // g, device=x_all.device, requires_grad=True)
         f_max[n] = torch.ones(out_f, in_f // g, device=x_all.device, requires_grad=True)
     trained = [t for n in names for t in (v[n], f_min[n], f_max[n])]
@@ -210,7 +233,7 @@ def learn_rounding(
                 f_min[n].clamp_(*FACTOR_RANGE)
                 f_max[n].clamp_(*FACTOR_RANGE)
 
-    plain = {n: quantize_codes(weights[n], qcfg) for n in names}
+    plain = {n: quantize_codes(weights[n], qcfg) for n in names} if start is None else start
     result = {}
     with torch.no_grad():
         it = iter(best)

@@ -60,7 +60,8 @@ def test_gptq_and_learned_rounding_lower_the_block_error_of_their_starting_point
     assert errors["round"] < errors["rtn"] and errors["awq-round"] <= errors["awq"], errors
     block = m.block(1, "cpu", torch.float32)
     _, stats = method_named("awq-round").quantize_block(block, m.arch, inputs, opts)
-    assert stats["round"]["loss_after"] < 0.5 * stats["round"]["loss_before"]  # on the tuning windows
+    # on the tuning windows, below GPTQ's codes, where its offsets start
+    assert stats["round"]["loss_after"] < stats["round"]["loss_before"], stats["round"]
 
 
 def test_learned_rounding_that_loses_on_held_out_windows_keeps_the_better_start(tiny_model, tmp_path):

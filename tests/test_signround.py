@@ -97,6 +97,37 @@ def test_zero_steps_is_plain_rounding(toy, qcfg):
     assert stats["loss_after"] == stats["loss_before"] and stats["steps_run"] == 0
 
 
+def other_neighbours(toy, qcfg, share: float) -> dict:
+    """Codes on plain rounding's grid where a `share` of the weights take the grid point on their other
+    side, as a GPTQ-like start would: {name: (codes, scales, zeros)}."""
+    gen = torch.Generator().manual_seed(1)
+    start = {}
+    for name, lin in linears_of(toy[0]).items():
+        codes, scales, zeros = quantize_codes(lin.weight, qcfg)
+        g = qcfg.group_len(lin.weight.shape[1])
+        pos = (lin.weight.reshape(codes.shape[0], -1, g) / scales[..., None]).reshape(codes.shape)
+        pos = pos + zeros.repeat_interleave(g, dim=1)
+        flip = (torch.rand(codes.shape, generator=gen) < share) & ((pos - codes).abs() > 0.01)
+        moved = torch.where(flip, codes + torch.sign(pos - codes).int(), codes).clamp(0, 2**qcfg.w_bit - 1)
+        start[name] = (moved, scales, zeros)
+    return start
+
+
+@pytest.mark.parametrize("qcfg", CONFIGS, ids=IDS)
+def test_a_start_is_where_the_tuning_begins_and_what_it_must_beat(toy, qcfg):
+    start = other_neighbours(toy, qcfg, share=0.3)
+    result, stats = run(toy, qcfg, steps=0, start=start)
+    for name in start:
+        assert not torch.equal(start[name][0], quantize_codes(linears_of(toy[0])[name].weight, qcfg)[0])
+        for got, want in zip(result[name], start[name]):
+            assert torch.equal(got, want), name
+    # the guard's reference is the start, not plain rounding: a learned result must beat these codes
+    tuned, tuned_stats = run(toy, qcfg, steps=30, start=start)
+    assert tuned_stats["loss_before"] == stats["loss_before"]
+    assert tuned_stats["loss_after"] <= tuned_stats["loss_before"]
+    assert stats["loss_before"] != run(toy, qcfg, steps=0)[1]["loss_before"]
+
+
 @pytest.mark.parametrize("qcfg", CONFIGS, ids=IDS)
 def test_codes_in_range_and_scales_fp16(toy, learned, qcfg):
     result, _ = learned[qcfg]

@@ -1,6 +1,7 @@
-"""Learned rounding (issue 17): SignRound per block, from AWQ's scaled weights (`awq-round`) or from the
-plain weights (`round`), against the FP block's output on the calibration windows (sequential mode: the
-FP model's output of the block, on the quantized blocks' output). Some windows are held out of the
+"""Learned rounding (issue 17): SignRound per block, from GPTQ's codes of AWQ's scaled weights
+(`awq-round`) or from the plain weights rounded to nearest (`round`), against the FP block's output on
+the calibration windows (sequential mode: the FP model's output of the block, on the quantized blocks'
+output). Some windows are held out of the
 tuning: the learned codes are kept only where they beat the starting codes there (awq-round: AWQ's own
 and GPTQ's on the scaled block, the better of the two standing otherwise; round: round to nearest), so
 a block can never end worse than AWQ or GPTQ would leave it."""
@@ -33,10 +34,13 @@ def output_mse(block, codes: dict, hidden: torch.Tensor, kwargs: dict, target: t
     return float((run_block(trial, hidden, kwargs).float() - target.float()).pow(2).mean())
 
 
-def tune(block, arch, inputs, opts, target: torch.Tensor, starts: dict[str, dict] | None = None) -> tuple[dict, dict]:
-    """SignRound from the block's current weights; the learned codes are kept only if they beat every
-    code set in `starts` (default: the current weights rounded to nearest) on held-out windows, else
-    the best of those stands (with no window to hold out, the first)."""
+def tune(
+    block, arch, inputs, opts, target: torch.Tensor, starts: dict[str, dict] | None = None, warm: dict | None = None
+) -> tuple[dict, dict]:
+    """SignRound from the block's current weights, its offsets starting at the `warm` codes (default:
+    plain rounding); the learned codes are kept only if they beat every code set in `starts` (default:
+    the current weights rounded to nearest) on held-out windows, else the best of those stands (with no
+    window to hold out, the first)."""
     hidden, kwargs = inputs.hidden, inputs.kwargs
     n = hidden.shape[0]
     held = held_out(n)
@@ -46,7 +50,7 @@ def tune(block, arch, inputs, opts, target: torch.Tensor, starts: dict[str, dict
     learned, stats = learn_rounding(
         block, quantized_linears(block, arch), hidden[fit], kwargs, target[fit], opts.quant,
         steps=opts.round_steps, lr=opts.round_lr, batch_size=opts.round_batch_size, seed=opts.seed,
-        tuning_dtype=dtype, patience=opts.round_patience, progress_every=PROGRESS_EVERY,
+        tuning_dtype=dtype, patience=opts.round_patience, progress_every=PROGRESS_EVERY, start=warm,
         progress=lambda step, loss: log.info(
             "block %s, learned rounding step %d/%d: minibatch loss %.4g", inputs.index, step, opts.round_steps, loss
         ),
@@ -98,11 +102,13 @@ def starting_codes(block, arch, inputs, linear_inputs: dict, opts) -> dict[str, 
 
 def awq_round_block(block, arch, inputs, opts):
     # Tuned from AWQ's scaled weights unclipped: the learned range factors clip (bundled model, w4 g128,
-    # sequential: ppl / KL 50.634 / 0.00103 from the clipped weights, 50.614 / 0.00098 unclipped).
+    # sequential: ppl / KL 50.634 / 0.00103 from the clipped weights, 50.614 / 0.00098 unclipped), from
+    # GPTQ's codes on them (bundled w3 g128 with the end-to-end tuning: 50.750 / 0.00361 from plain
+    # rounding, 50.719 / 0.00366 from GPTQ's codes; AutoRound 50.733 / 0.00377).
     stats, fp_out, linear_inputs = awq_search(block, arch, inputs, opts, clip=False)
     target = fp_out if inputs.fp_target is None else inputs.fp_target  # fp_out: the FP block on inputs.hidden
     starts = starting_codes(block, arch, inputs, linear_inputs, opts)
-    codes, stats["round"] = tune(block, arch, inputs, opts, target, starts)
+    codes, stats["round"] = tune(block, arch, inputs, opts, target, starts, warm=starts["gptq"])
     return codes, stats
 
 
