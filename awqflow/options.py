@@ -66,6 +66,11 @@ class Options(BaseModel):
         "bfloat16",
         description="awq-round, round: precision of the tuning pass (float32 where the device lacks fast bf16)",
     )
+    round_start: Literal["nearest", "gptq"] = Field(
+        "nearest",
+        description="awq-round: where the rounding offsets start: plain rounding, or GPTQ's codes of the scaled "
+        "weights (better ppl on the bundled model, worse on SmolLM2 at w3)",
+    )
     round_patience: int = Field(
         0, ge=0, description="awq-round, round: stop once the best loss has not improved for this many steps (0: never)"
     )

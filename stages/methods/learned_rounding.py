@@ -1,9 +1,9 @@
-"""Learned rounding (issue 17): SignRound per block, from GPTQ's codes of AWQ's scaled weights
-(`awq-round`) or from the plain weights rounded to nearest (`round`), against the FP block's output on
-the calibration windows (sequential mode: the FP model's output of the block, on the quantized blocks'
-output). Some windows are held out of the
-tuning: the learned codes are kept only where they beat the starting codes there (awq-round: AWQ's own
-and GPTQ's on the scaled block, the better of the two standing otherwise; round: round to nearest), so
+"""Learned rounding (issue 17): SignRound per block, from AWQ's scaled weights (`awq-round`; the offsets
+start at plain rounding or at GPTQ's codes, --round-start) or from the plain weights (`round`), against
+the FP block's output on the calibration windows (sequential mode: the FP model's output of the block,
+on the quantized blocks' output). Some windows are held out of the tuning: the learned codes are kept
+only where they beat the starting codes there (awq-round: AWQ's own and GPTQ's on the scaled block, the
+better of the two standing otherwise; round: round to nearest), so
 a block can never end worse than AWQ or GPTQ would leave it."""
 
 import copy
@@ -102,13 +102,14 @@ def starting_codes(block, arch, inputs, linear_inputs: dict, opts) -> dict[str, 
 
 def awq_round_block(block, arch, inputs, opts):
     # Tuned from AWQ's scaled weights unclipped: the learned range factors clip (bundled model, w4 g128,
-    # sequential: ppl / KL 50.634 / 0.00103 from the clipped weights, 50.614 / 0.00098 unclipped), from
-    # GPTQ's codes on them (bundled w3 g128 with the end-to-end tuning: 50.750 / 0.00361 from plain
-    # rounding, 50.719 / 0.00366 from GPTQ's codes; AutoRound 50.733 / 0.00377).
+    # sequential: ppl / KL 50.634 / 0.00103 from the clipped weights, 50.614 / 0.00098 unclipped). The
+    # offsets start at plain rounding unless --round-start gptq: with the end-to-end tuning, bundled w3
+    # g128 50.750 / 0.00361 -> 50.719 / 0.00366, but SmolLM2 w3 g64 12.679 / 0.26139 -> 12.970 / 0.28255.
     stats, fp_out, linear_inputs = awq_search(block, arch, inputs, opts, clip=False)
     target = fp_out if inputs.fp_target is None else inputs.fp_target  # fp_out: the FP block on inputs.hidden
     starts = starting_codes(block, arch, inputs, linear_inputs, opts)
-    codes, stats["round"] = tune(block, arch, inputs, opts, target, starts, warm=starts["gptq"])
+    warm = starts["gptq"] if opts.round_start == "gptq" else None
+    codes, stats["round"] = tune(block, arch, inputs, opts, target, starts, warm)
     return codes, stats
 
 
@@ -138,7 +139,8 @@ def round_table(stats: dict) -> list[dict]:
 
 ROUND_OPTIONS = ("round_steps", "round_lr", "round_batch_size", "round_dtype", "round_patience", "seed")
 AWQ_ROUND = Method(
-    "awq-round", awq_round_block, needs_inputs=True, options=(*AWQ_OPTIONS, *ROUND_OPTIONS, *GPTQ_OPTIONS),
+    "awq-round", awq_round_block, needs_inputs=True,
+    options=(*AWQ_OPTIONS, *ROUND_OPTIONS, "round_start", *GPTQ_OPTIONS),
     table=round_table, fp_targets=True, mode="sequential", e2e_epochs=4,
 )  # fmt: skip
 ROUND = Method(
