@@ -32,6 +32,8 @@ FACTOR_RANGE = (0.5, 1.0)
 # Samples the before / after losses (and the fall-back guard) are measured on: all of them cost a
 # tenth of the bundled model's 200 steps (124 windows, two block forwards each), 16 a sixtieth.
 GUARD_SAMPLES = 16
+# How far past the rounding boundary a start code other than the nearest puts its weight: 10 steps of
+# the default lr (1 / 200) flip it back, where the boundary's far side (0.5 away) would take 100.
 CROSSING = 0.05
 
 
@@ -96,7 +98,7 @@ def quantize_learned(w: torch.Tensor, v: torch.Tensor, f_min: torch.Tensor, f_ma
 def offsets_to(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, wg: torch.Tensor) -> torch.Tensor:
     """The smallest V with round(wg / s + V) + z == codes, by a margin of CROSSING: 0 where the code is
     the nearest grid point, just across the rounding boundary where it is the other neighbour (so that
-    the tuning can flip it back in a few steps); a code further away gets the neighbour on its side."""
+    the tuning can flip it back in a few steps); a code out of reach gets the reachable one nearest it."""
     pos = wg / scales[..., None]
     target = codes.float() - zeros[..., None].float()
     up, down = torch.floor(pos) + 0.5 - pos + CROSSING, torch.ceil(pos) - 0.5 - pos - CROSSING
