@@ -100,9 +100,9 @@ def offsets_to(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, w
     the nearest grid point, just across the rounding boundary where it is the other neighbour (so that
     the tuning can flip it back in a few steps); a code out of reach gets the reachable one nearest it."""
     pos = wg / scales[..., None]
-    target = codes.float() - zeros[..., None].float()
+    target, nearest = codes.float() - zeros[..., None].float(), torch.round(pos)
     up, down = torch.floor(pos) + 0.5 - pos + CROSSING, torch.ceil(pos) - 0.5 - pos - CROSSING
-    v = torch.where(target > torch.round(pos), up, torch.where(target < torch.round(pos), down, 0.0))
+    v = torch.where(target > nearest, up, torch.where(target < nearest, down, 0.0))
     return v.clamp(*V_RANGE)
 
 
@@ -155,7 +155,7 @@ def learn_rounding(
     `progress_every` steps and at the last one.
 
     Returns ({name: (codes int32 (out, in), scales float32 (out, in/G), zeros int32 (out, in/G))}, stats)
-    with stats = loss_before (plain rounding) and loss_after (returned codes), both output MSE on the
+    with stats = loss_before (plain rounding, or `start`) and loss_after (returned codes), both output MSE on the
     first GUARD_SAMPLES samples, best_step, steps_run, best_batch_loss, fell_back. The block's own
     weights are never written.
     """
@@ -193,8 +193,9 @@ def learn_rounding(
     for n in names:
         out_f, in_f = weights[n].shape
         g = qcfg.group_len(in_f)
-        v[n] = torch.zeros(out_f, in_f // g, g, device=x_all.device)
-        if start is not None:
+        if start is None:
+            v[n] = torch.zeros(out_f, in_f // g, g, device=x_all.device)
+        else:
             codes, scales, zeros = start[n]
             wg = weights[n].reshape(out_f, in_f // g, g).float()
             v[n] = offsets_to(codes.reshape(wg.shape), scales, zeros, wg)
@@ -235,18 +236,18 @@ def learn_rounding(
                 f_min[n].clamp_(*FACTOR_RANGE)
                 f_max[n].clamp_(*FACTOR_RANGE)
 
-    plain = {n: quantize_codes(weights[n], qcfg) for n in names} if start is None else start
+    initial = {n: quantize_codes(weights[n], qcfg) for n in names} if start is None else start
     result = {}
     with torch.no_grad():
         it = iter(best)
         for n in names:
             _, codes, scales, zeros = quantize_learned(weights[n], next(it), next(it), next(it), qcfg)
             result[n] = (codes.reshape(weights[n].shape).to(torch.int32), scales, zeros.to(torch.int32))
-    loss_before = guard_loss(plain)
+    loss_before = guard_loss(initial)
     loss_after = guard_loss(result)
     fell_back = loss_after > loss_before
     if fell_back:
-        result, loss_after, best_step = plain, loss_before, 0
+        result, loss_after, best_step = initial, loss_before, 0
     stats = {
         "loss_before": loss_before,
         "loss_after": loss_after,
