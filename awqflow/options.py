@@ -59,9 +59,10 @@ class Options(BaseModel):
     )
     round_steps: int = Field(200, ge=0, description="awq-round, round: signed-gradient steps per block")
     round_lr: float | None = Field(None, gt=0, description="awq-round, round: learning rate (default 1 / steps)")
-    # 4 windows a step and bf16 (AutoRound's own pick on bf16-capable hardware), SmolLM2 w3 g64: 13.164 / 0.28883 in
-    # 0.76x AutoRound's time; 8 windows a step (and 8 held out): 13.295 / 0.29588 in 1.30x (bench/results/*-dec05*)
-    round_batch_size: int = Field(4, ge=1, description="awq-round, round: calibration windows per step")
+    # bf16 is AutoRound's own pick on bf16-capable hardware. SmolLM2 w3 g64, 4 windows a step: 13.164 / 0.28883 in
+    # 0.76x AutoRound's time; 8 (and 8 held out): 13.295 / 0.29588 in 1.30x (bench/results/*-dec05*). Bundled w3 g128
+    # (2026-12-07): 2 windows a step, blocks 98.5 -> 71.8 s, ppl / KL 50.750 / 0.00361 -> 50.737 / 0.00362
+    round_batch_size: int = Field(2, ge=1, description="awq-round, round: calibration windows per step")
     round_dtype: Literal["float32", "bfloat16"] = Field(
         "bfloat16",
         description="awq-round, round: precision of the tuning pass (float32 where the device lacks fast bf16)",
@@ -79,7 +80,7 @@ class Options(BaseModel):
         ge=0,
         description="after the blocks: passes over the calibration windows of end-to-end tuning (group scales "
         "and norm weights against the FP model's logits, codes fixed; holds the FP and quantized models in "
-        "float32 at once, and the FP logits of the calibration windows); 0: none; default: the method's (4 for "
+        "float32 at once, and the FP logits of the calibration windows); 0: none; default: the method's (3 for "
         "awq-round, 0 for the others)",
     )
     e2e_lr: float = Field(3e-3, gt=0, description="end-to-end tuning: Adam learning rate of the factors (start at 1)")

@@ -17,7 +17,7 @@ from awqflow.load import load_model
 from awqflow.options import Options
 from awqflow.stages.block import checkpoint_tensors, load_block_tensors, scale_block_tensors
 from awqflow.stages.calibration import calibration_windows, held_out
-from awqflow.stages.end_to_end import kl_to, mean_kl, reference_logits, tune_end_to_end, windows_kl
+from awqflow.stages.end_to_end import BATCH, kl_to, mean_kl, reference_logits, tune_end_to_end, windows_kl
 from awqflow.stages.quantize import QuantConfig, dequantize_codes, fake_quantize, quantize_codes
 
 from conftest import CALIB
@@ -45,7 +45,7 @@ def test_tuning_lowers_the_kl_it_trains_on_and_gives_the_model_back_unchanged(ti
     windows = windows_for(tiny_model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     factors, losses, judged = tune_end_to_end(reference, model, groups, windows, epochs=4, lr=1e-2)
-    assert len(losses) == 8 and set(factors) == set(groups) and judged == []
+    assert len(losses) == 4 * 8 // BATCH and set(factors) == set(groups) and judged == []
     assert model.state_dict().keys() == state.keys() and all(v.equal(state[k]) for k, v in model.state_dict().items())
     before = windows_kl(reference, model, windows)
     with torch.no_grad():
@@ -65,7 +65,7 @@ def test_judged_tuning_returns_its_best_pass_and_stops_at_the_first_that_does_no
     factors, losses, judged = tune_end_to_end(reference, model, groups, fit, epochs=4, lr=lr, judge=judge)
     assert judged[0] == pytest.approx(start, rel=1e-6)
     passes = len(judged) - 1
-    assert len(losses) == 2 * passes  # 8 windows, 4 a step: 2 steps a pass
+    assert len(losses) == 8 // BATCH * passes  # 8 windows, BATCH a step
     assert all(b < a for a, b in zip(judged[:-2], judged[1:-1]))  # every pass but the last improved
     assert passes == 4 or judged[-1] >= min(judged[:-1])
     with torch.no_grad():
@@ -129,8 +129,9 @@ def test_factors_move_the_group_scales_and_leave_the_codes(w_bit):
 def test_awq_round_tunes_end_to_end_and_saves_what_the_held_out_windows_judged(tiny_model, tmp_path):
     result = pipeline.run(str(tiny_model), str(tmp_path / "q"), Options(method="awq-round", **SMALL))
     stats, held = result["end_to_end"], held_out(8)
-    passes = len(stats["kl_per_pass"]) - 1  # a pass: ceil(6 / 4) = 2 steps; the tuning stops at one that does not help
-    assert stats["steps"] == min(math.ceil(4 * (8 - held) / 4), 2 * passes) and stats["windows"] == held
+    passes = len(stats["kl_per_pass"]) - 1  # the tuning stops at a pass that does not help
+    per_pass, epochs = math.ceil((8 - held) / BATCH), Options(method="awq-round").end_to_end_epochs
+    assert stats["steps"] == min(math.ceil(epochs * (8 - held) / BATCH), per_pass * passes) and stats["windows"] == held
     assert "end_to_end" in result["timings"]
     windows = windows_for(tiny_model)[8 - held :]
     saved = windows_kl(load_model(str(tiny_model)), load_model(str(tmp_path / "q")), windows)
@@ -164,5 +165,5 @@ def test_a_rerun_replays_the_tuning_and_a_tuning_cut_off_comes_back_bit_identica
 def test_end_to_end_tuning_needs_a_method_with_calibration():
     with pytest.raises(ValueError, match="(?s)e2e_epochs.*end-to-end tuning needs calibration windows"):
         Options(method="rtn", e2e_epochs=1)
-    assert Options(method="awq-round").end_to_end_epochs == 4 and Options().end_to_end_epochs == 0
+    assert Options(method="awq-round").end_to_end_epochs == 3 and Options().end_to_end_epochs == 0
     assert Options(method="awq", e2e_epochs=2).end_to_end_epochs == 2

@@ -141,7 +141,7 @@ ROUND_OPTIONS = ("round_steps", "round_lr", "round_batch_size", "round_dtype", "
 AWQ_ROUND = Method(
     "awq-round", awq_round_block, needs_inputs=True,
     options=(*AWQ_OPTIONS, *ROUND_OPTIONS, "round_start", *GPTQ_OPTIONS),
-    table=round_table, fp_targets=True, mode="sequential", e2e_epochs=4,
+    table=round_table, fp_targets=True, mode="sequential", e2e_epochs=3,
 )  # fmt: skip
 ROUND = Method(
     "round", round_block, needs_inputs=True, options=ROUND_OPTIONS, table=round_table, fp_targets=True,
