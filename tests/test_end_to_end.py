@@ -45,7 +45,7 @@ def test_tuning_lowers_the_kl_it_trains_on_and_gives_the_model_back_unchanged(ti
     windows = windows_for(tiny_model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     factors, losses, judged = tune_end_to_end(reference, model, groups, windows, epochs=4, lr=1e-2)
-    assert len(losses) == 4 * 8 // BATCH and set(factors) == set(groups) and judged == []
+    assert len(losses) == math.ceil(4 * 8 / BATCH) and set(factors) == set(groups) and judged == []
     assert model.state_dict().keys() == state.keys() and all(v.equal(state[k]) for k, v in model.state_dict().items())
     before = windows_kl(reference, model, windows)
     with torch.no_grad():
@@ -65,7 +65,7 @@ def test_judged_tuning_returns_its_best_pass_and_stops_at_the_first_that_does_no
     factors, losses, judged = tune_end_to_end(reference, model, groups, fit, epochs=4, lr=lr, judge=judge)
     assert judged[0] == pytest.approx(start, rel=1e-6)
     passes = len(judged) - 1
-    assert len(losses) == 8 // BATCH * passes  # 8 windows, BATCH a step
+    assert len(losses) == math.ceil(8 / BATCH) * passes  # 8 windows, BATCH a step
     assert all(b < a for a, b in zip(judged[:-2], judged[1:-1]))  # every pass but the last improved
     assert passes == 4 or judged[-1] >= min(judged[:-1])
     with torch.no_grad():
