@@ -11,7 +11,9 @@ On every eval window (a row of token ids, seqlen long) the predicted tokens are 
   = sum_v P_fp(v) (log P_fp(v) - log P_quant(v)), P_fp from the float32 FP model on the same
   window in the same process (nats per token);
 - fp_ppl: the reference model's own perplexity on the same windows (a check that every run saw
-  the same FP model and windows).
+  the same FP model and windows);
+- window_nll, window_kl: mean NLL and KL per predicted token of each window, for comparisons paired
+  by window (bench/compare_llmcompressor.paired_change).
 
 Sums are accumulated in float64; logits are taken in float32, one window at a time, so memory is
 one window's logits per model (512 x 49152 x 4 B = 100 MB for SmolLM2).
@@ -61,17 +63,20 @@ def evaluate(model, windows: torch.Tensor, reference=None, log=None) -> dict:
     kl = torch.zeros((), dtype=torch.float64)
     kl_max = 0.0
     tokens = 0
+    window_nll, window_kl = [], []
     t = time.perf_counter()
     for i, window in enumerate(windows):
         ids = window.view(1, -1)
         target = ids[0, 1:]
         logq = F.log_softmax(_logits(model, ids), dim=-1)
-        nll += F.nll_loss(logq, target, reduction="sum").double()
+        window_nll.append(F.nll_loss(logq, target, reduction="sum").double())
+        nll += window_nll[-1]
         if reference is not None:
             logp = F.log_softmax(_logits(reference, ids), dim=-1)
             fp_nll += F.nll_loss(logp, target, reduction="sum").double()
             per_token = (logp.exp() * (logp - logq)).sum(-1)
-            kl += per_token.double().sum()
+            window_kl.append(per_token.double().sum())
+            kl += window_kl[-1]
             kl_max = max(kl_max, float(per_token.max()))
         tokens += target.numel()
         if log is not None and (i + 1) % 10 == 0:
@@ -83,7 +88,9 @@ def evaluate(model, windows: torch.Tensor, reference=None, log=None) -> dict:
         "windows": int(windows.shape[0]),
         "seqlen": int(windows.shape[1]),
         "eval_seconds": round(time.perf_counter() - t, 1),
+        "window_nll": [float(x) / (windows.shape[1] - 1) for x in window_nll],
     }
     if reference is not None:
         out.update(kl_mean=float(kl) / tokens, kl_max_token=kl_max, fp_ppl=math.exp(float(fp_nll) / tokens))
+        out["window_kl"] = [float(x) / (windows.shape[1] - 1) for x in window_kl]
     return out

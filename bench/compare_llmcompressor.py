@@ -14,7 +14,9 @@ default recipe, AutoAWQ export (w4). For each method:
 - peak RSS of the quantizing process (ours: ru_maxrss from wait4; theirs: ru_maxrss before it
   evaluates);
 - ppl and mean KL(P_fp || P_quant) per token on the eval windows, by bench/anchor_eval.evaluate
-  (the function the worker uses too), float32.
+  (the function the worker uses too), float32;
+- ppl and KL vs AutoRound: the relative change, ± the standard error of the per-window paired
+  differences (the same windows for both; a change within about two of them is noise).
 
 The calibration windows our CLI builds are checked against the ones llm-compressor gets (their
 fingerprint is recorded in our checkpoint's config.json). Writes
@@ -30,6 +32,7 @@ bench/results/compare-<name>.json and prints a markdown table.
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -110,7 +113,23 @@ def theirs(a, tmp, method, calib_pt, eval_pt):
         "peak_rss_mib": round(r["peak_rss_mib"]),
         "version": r["version"],
         **{k: r[k] for k in ("ppl", "kl_mean", "kl_max_token", "fp_ppl", "tokens", "windows")},
+        **{k: r[k] for k in ("window_nll", "window_kl") if k in r},
     }
+
+
+def paired_change(row: dict, base: dict, key: str) -> tuple[float, float] | None:
+    """Relative change of `row`'s mean over `base`'s of a per-window figure (window_nll: of the perplexity;
+    window_kl: of the mean KL), with its standard error from the per-window differences: the windows are
+    the same, so the noise of which text they hold cancels, and tokens of one window are not counted as
+    independent."""
+    if key not in row or key not in base:
+        return None
+    d = torch.tensor(row[key], dtype=torch.float64) - torch.tensor(base[key], dtype=torch.float64)
+    se = float(d.std() / len(d) ** 0.5)
+    if key == "window_nll":  # ppl = exp(mean nll): the ratio of two is exp of the mean difference
+        return math.expm1(float(d.mean())), se
+    scale = sum(base[key]) / len(base[key])
+    return float(d.mean()) / scale, se / scale
 
 
 def main():
@@ -180,15 +199,23 @@ def main():
         f"{windows.shape[0]} eval windows x {a.seqlen}; FP ppl {next(iter(rows.values()))['fp_ppl']:.3f}; "
         f"{os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}"
     )
-    print("| method | seconds | vs llm-compressor AWQ | vs AutoRound | block stage s | peak RSS MiB | ppl | mean KL |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| method | seconds | vs llm-compressor AWQ | vs AutoRound | block stage s | peak RSS MiB | ppl | mean KL "
+        "| ppl vs AutoRound | KL vs AutoRound |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for label, r in rows.items():
         ratio = f"{r['seconds'] / base:.2f}x" if base else "-"
         vs_autoround = f"{r['seconds'] / autoround:.2f}x" if autoround else "-"
         blocks = f"{r['block_seconds']:.0f}" if "block_seconds" in r else "-"
+        versus = rows["autoround"] if autoround and label != "autoround" else {}
+        changes = [
+            "-" if c is None else f"{100 * c[0]:+.{digits}f} % ± {100 * c[1]:.{digits}f}"
+            for c, digits in ((paired_change(r, versus, "window_nll"), 3), (paired_change(r, versus, "window_kl"), 1))
+        ]
         print(
             f"| {label} | {r['seconds']:.0f} | {ratio} | {vs_autoround} | {blocks} | {r['peak_rss_mib']} "
-            f"| {r['ppl']:.3f} | {r['kl_mean']:.5f} |"
+            f"| {r['ppl']:.3f} | {r['kl_mean']:.5f} | {changes[0]} | {changes[1]} |"
         )
 
 
