@@ -4,7 +4,7 @@ Runs INSIDE the isolated env made by bench/setup_autoround_env.sh and never impo
 
   .bench-envs/autoround/bin/python bench/autoround_worker.py \\
       --model DIR --calib-windows calib.pt --eval-windows eval.pt \\
-      --w-bit 4|3 --group-size 128 --out result.json [--export-dir DIR] [--max-eval-windows N]
+      --w-bit 4|3 --group-size 128 --out result.json [--export-dir DIR] [--max-eval-windows N] [--seed N]
 
 calib.pt / eval.pt: torch.save'd LongTensors (n, seqlen) of token ids, as for
 bench/llmcompressor_worker.py. AutoRound gets exactly the calibration windows, as a list of
@@ -132,6 +132,7 @@ def main():
     p.add_argument("--export-dir", default=None, help="where save_quantized writes (default: next to --out)")
     p.add_argument("--max-eval-windows", type=int, default=0, help="evaluate only the first N windows (0: all)")
     p.add_argument("--iters", type=int, default=None, help="SignRound steps per block (default: auto-round's, 200)")
+    p.add_argument("--seed", type=int, default=None, help="auto-round's seed (default: its own, 42)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
@@ -147,8 +148,9 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     kwargs = dict(bits=args.w_bit, group_size=args.group_size, sym=False)
-    if args.iters is not None:
-        kwargs["iters"] = args.iters
+    for key in ("iters", "seed"):
+        if getattr(args, key) is not None:
+            kwargs[key] = getattr(args, key)
     ar = AutoRound(model, tokenizer, dataset=dataset, nsamples=n, seqlen=seqlen, device_map="cpu", **kwargs)
     start, cpu_start = time.perf_counter(), time.process_time()
     qmodel, layer_config = ar.quantize()
