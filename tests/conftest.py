@@ -66,3 +66,19 @@ def default_dtype_is_left_alone():
     models at once) silently changes later computations."""
     yield
     assert torch.get_default_dtype() == torch.float32, f"default dtype leaked: {torch.get_default_dtype()}"
+
+
+def pytest_sessionfinish(session):
+    """Stop the temporary Prefect server of in-process flow runs, silently, before pytest closes its
+    streams, and after the log lines still queued for it have been sent: left to its own atexit hook, its
+    stop message goes to a closed stream, the queued lines to a stopped API, and each prints an error
+    after the test summary."""
+    import logging
+
+    from prefect.logging.handlers import APILogWorker
+    from prefect.server.api.server import SubprocessASGIServer
+
+    APILogWorker.drain_all(timeout=5)
+    logging.getLogger("prefect").disabled = True
+    for server in list(SubprocessASGIServer._instances.values()):
+        server.stop()
